@@ -1,0 +1,39 @@
+# The README's two commands: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench deploy serve clean
+
+setup: $(STAMP)
+
+# constraints.txt pins every package we test against, torch==2.13.0 (the CPU
+# wheel on disk) included, so a fresh machine reproduces CI exactly.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/ckptflow run
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+deploy: $(STAMP)
+	bash deployments/deploy.sh
+
+serve: $(STAMP)
+	$(BIN)/ckptflow serve
+
+clean:
+	rm -rf .ckptflow build *.egg-info src/*.egg-info
