@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over ckptflow library functions (retries and caching live here)."""

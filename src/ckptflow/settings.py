@@ -138,6 +138,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_nested_delimiter=ENV_NESTED_DELIMITER,
         env_file=".env",
+        env_ignore_empty=True,  # `KEY=` in .env means "default", so .env.example can be copied as is
         extra="ignore",
         validate_assignment=True,
         nested_model_default_partial_update=True,

@@ -1,0 +1,79 @@
+"""Flow `finetune`: prepare data → open run → train chunks (retried, resumed) → evaluate → export → artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from ckptflow import pipeline
+from ckptflow.chunks import lease_holder_id
+from ckptflow.errors import BadInputError, InsufficientDiskError
+from ckptflow.ledger import RunStatus
+from ckptflow.planning import chunk_plan
+from ckptflow.quiet import quiet_libraries
+from ckptflow.settings import Settings, load_settings
+from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
+from tasks.reporting import publish_run_artifacts
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    """Retry crashes; not input the user must fix, nor a full disk (retrying can't help)."""
+    try:
+        state.result()
+    except (BadInputError, InsufficientDiskError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def resolve_settings(config_file: str | None, overrides: dict[str, Any] | None) -> Settings:
+    settings = load_settings(config_file, **(overrides or {}))
+    return settings.model_copy(update={"home": settings.home.resolve()})
+
+
+def train_all_chunks(settings: Settings, run_name: str, total_steps: int) -> list:
+    results = []
+    for chunk in chunk_plan(total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
+        task = train_chunk.with_options(
+            retries=settings.train.retries,
+            retry_delay_seconds=settings.train.retry_delay_seconds,
+            retry_condition_fn=_retry_unless_bad_input,
+            task_run_name=f"train_chunk[{chunk.index}] steps {chunk.start_step}-{chunk.end_step}",
+        )
+        results.append(task(settings, run_name, chunk))
+    return results
+
+
+@flow(name="finetune")
+def finetune(
+    run_name: str | None = None,
+    new: bool = False,
+    config_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune with LoRA; resumes run `run_name` if it exists. Returns the run summary."""
+    quiet_libraries()
+    logger = get_run_logger()
+    settings = resolve_settings(config_file, overrides)
+    prepared = prepare_data(settings)
+    opened = open_run(settings, prepared, run_name, new)
+    name = opened.run.name
+    if opened.completed:
+        logger.info("run %s already completed; pass new=True (--new) to train again", name)
+        return {"run": name, "status": "completed", "already_completed": True}
+    result: dict[str, Any] = {"run": name}
+    with pipeline.run_lease(settings, name, lease_holder_id()):
+        try:
+            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps)
+            result["evaluation"] = evaluate(settings, name)
+            result["export"] = export_best(settings, name)
+            pipeline.set_status(settings, name, RunStatus.COMPLETED)
+            result["status"] = "completed"
+        except BaseException:
+            pipeline.set_status(settings, name, RunStatus.FAILED)
+            raise
+        finally:
+            publish_run_artifacts(settings, name)
+    return result

@@ -1,0 +1,279 @@
+"""Train one chunk of a run: reconcile, pick the resume point, train to the boundary, commit.
+
+`run_chunk` is what every launcher executes (in this process, in a child process, or
+under torchrun). It is idempotent: a chunk whose end step is already committed is a no-op.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from ckptflow.errors import InsufficientDiskError
+from ckptflow.integrity import quarantine, write_manifest
+from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunRecord
+from ckptflow.recovery import reconcile, resume_point
+from ckptflow.retention import apply_retention
+from ckptflow.settings import Settings, settings_from_json
+from ckptflow.training import (
+    DEFAULT_MIN_FREE_BYTES,
+    ChunkStopCallback,
+    CommitCallback,
+    DiskGuardCallback,
+    FaultInjectionCallback,
+    HeartbeatCallback,
+    LogCallback,
+    TrainerSpec,
+    checkpoint_dir,
+    sft_config,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkJob:
+    """A chunk to train; plain JSON so a child process can receive it."""
+
+    ledger_url: str
+    run_name: str
+    chunk: int
+    start_step: int
+    end_step: int
+    settings: dict[str, Any]
+    lease_holder: str | None = None
+    prefect_flow_run_id: str | None = None
+    prefect_task_run_id: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChunkJob:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    chunk: int
+    attempt: int | None
+    resumed_from_step: int | None
+    end_step: int
+    skipped: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def lease_holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class AttemptPlan:
+    """Where an attempt starts; decided by the parent so every worker process resumes from the same place."""
+
+    attempt_id: int
+    attempt: int
+    resume_step: int | None
+    resume_path: str | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> AttemptPlan:
+        return cls(**json.loads(text))
+
+
+# A launcher trains one attempt somewhere (this process, a child, torchrun) and raises on failure.
+Launch = Callable[[ChunkJob, AttemptPlan], None]
+
+
+def begin_attempt(job: ChunkJob) -> AttemptPlan | None:
+    """Reconcile the run's files with the ledger, pick the resume point, open an attempt row.
+
+    Returns None when the chunk's end step is already committed (nothing to do).
+    """
+    settings = settings_from_json(job.settings)
+    ledger = Ledger(job.ledger_url)
+    try:
+        run = _run(ledger, job)
+        ckpt_dir, quarantine_dir = settings.checkpoints_dir(run.name), settings.quarantine_dir(run.name)
+        notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir)
+        resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir)
+        notes += resume.notes if resume else []
+        if resume is not None and resume.step >= job.end_step:
+            return None
+        attempt = ledger.start_attempt(
+            run.id,
+            chunk=job.chunk,
+            start_step=resume.step if resume else 0,
+            end_step=job.end_step,
+            resumed_from_step=resume.step if resume else None,
+            prefect_flow_run_id=job.prefect_flow_run_id,
+            prefect_task_run_id=job.prefect_task_run_id,
+        )
+        for note in notes:
+            log.warning(note)
+            ledger.add_attempt_note(attempt.id, note)
+        return AttemptPlan(
+            attempt.id, attempt.attempt, resume.step if resume else None, str(resume.path) if resume else None, notes
+        )
+    finally:
+        ledger.close()
+
+
+def end_attempt(job: ChunkJob, plan: AttemptPlan, exc: BaseException | None) -> BaseException | None:
+    """Record how the attempt ended; returns the exception to raise (disk-full explained), if any."""
+    settings = settings_from_json(job.settings)
+    ledger = Ledger(job.ledger_url)
+    try:
+        if exc is None:
+            ledger.finish_attempt(plan.attempt_id, AttemptStatus.COMPLETED)
+            # The checkpoint this attempt resumed from is no longer in use: let the policy see it.
+            apply_retention(ledger, _run(ledger, job).id, settings.checkpoint)
+            return None
+        ledger.finish_attempt(plan.attempt_id, AttemptStatus.FAILED, error=_describe_failure(exc))
+        return _explain_disk_full(exc, settings, _run(ledger, job), ledger)
+    finally:
+        ledger.close()
+
+
+def run_chunk(job: ChunkJob, launch: Launch | None = None) -> ChunkResult:
+    """One attempt at a chunk: begin → launch (default: train in this process) → end."""
+    t0 = time.monotonic()
+    plan = begin_attempt(job)
+    if plan is None:
+        return ChunkResult(job.chunk, None, None, job.end_step, True, time.monotonic() - t0)
+    try:
+        (launch or train_attempt)(job, plan)
+    except BaseException as exc:
+        explained = end_attempt(job, plan, exc)
+        if explained is exc:
+            raise
+        raise explained from exc
+    end_attempt(job, plan, None)
+    return ChunkResult(
+        job.chunk, plan.attempt, plan.resume_step, job.end_step, False, time.monotonic() - t0, plan.notes
+    )
+
+
+def _run(ledger: Ledger, job: ChunkJob) -> RunRecord:
+    run = ledger.get_run(job.run_name)
+    if run is None:
+        raise RuntimeError(f"run {job.run_name!r} is not in the ledger {job.ledger_url}")
+    return run
+
+
+def _describe_failure(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _explain_disk_full(exc: BaseException, settings: Settings, run: RunRecord, ledger: Ledger) -> BaseException:
+    """ENOSPC during a save: quarantine the half-written checkpoint and say how much space is needed."""
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return exc
+    writing = ledger.checkpoints(run.id, states=[CheckpointState.WRITING])
+    for row in writing:
+        path = Path(row.path)
+        if path.exists():
+            quarantine(path, settings.quarantine_dir(run.name), "disk full (ENOSPC) while saving")
+        ledger.mark_checkpoint(run.id, row.step, CheckpointState.PARTIAL, "disk full (ENOSPC) while saving")
+    committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
+    need = max((c.bytes for c in committed), default=0) + _min_free(settings)
+    return InsufficientDiskError(
+        f"disk full while saving a checkpoint of run {run.name!r}: free at least {need / 2**20:.1f} MiB in "
+        f"{settings.checkpoints_dir(run.name)} and run again; it resumes from the last committed checkpoint"
+    )
+
+
+def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
+    """Build a fresh trainer and train from the plan's resume point to the chunk end (any process, any rank)."""
+    settings = settings_from_json(job.settings)
+    ledger = Ledger(job.ledger_url)
+    try:
+        _train(ledger, _run(ledger, job), settings, job, plan)
+    finally:
+        ledger.close()
+
+
+def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan) -> None:
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    from ckptflow.modeling import load_base_model, lora_config
+    from ckptflow.pipeline import load_inputs
+
+    resolved, tokenizer, data = load_inputs(settings)
+    spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
+    trainer = SFTTrainer(
+        model=load_base_model(resolved),
+        args=sft_config(spec),
+        train_dataset=data.train,
+        eval_dataset=data.eval if settings.checkpoint.evaluates else None,
+        processing_class=tokenizer,
+        peft_config=lora_config(settings.model),
+        callbacks=_callbacks(ledger, run, settings, job, plan.attempt),
+    )
+    trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
+    trainer.train(resume_from_checkpoint=plan.resume_path)
+
+
+def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, attempt: int) -> list:
+    ckpt_root = settings.checkpoints_dir(run.name)
+
+    def begin(step: int) -> None:
+        ledger.begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()))
+
+    def saved(step: int, epoch: float | None, metrics: dict) -> None:
+        path = checkpoint_dir(ckpt_root, step)
+        manifest, sha = write_manifest(path, step=step, metrics=metrics, settings_digest=run.fingerprint)
+        ledger.commit_checkpoint(
+            run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha
+        )
+        log.info("committed checkpoint-%d (%d bytes, %s)", step, manifest.total_bytes, _metric_text(metrics, settings))
+        decision = apply_retention(ledger, run.id, settings.checkpoint)
+        for pruned, reason in decision.prune.items():
+            log.info("pruned checkpoint-%d: %s", pruned, reason)
+
+    def estimate() -> int:
+        committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
+        return max((c.bytes for c in committed), default=0)
+
+    callbacks: list = [
+        ChunkStopCallback(job.end_step),
+        DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
+        LogCallback(log),
+    ]
+    if not _is_main_process():  # under torchrun only rank 0 commits and heartbeats
+        return callbacks
+    callbacks.append(CommitCallback(begin, saved))
+    if job.lease_holder:
+        callbacks.append(HeartbeatCallback(lambda: ledger.heartbeat(run.id, job.lease_holder)))
+    fault = settings.fault
+    if fault.at_step is not None and attempt <= fault.times and job.start_step < fault.at_step <= job.end_step:
+        callbacks.insert(0, FaultInjectionCallback(fault.at_step, fault.mode))
+    return callbacks
+
+
+def _metric_text(metrics: dict, settings: Settings) -> str:
+    key = settings.checkpoint.metric_key
+    return f"{key}={metrics[key]:.6g}" if key in metrics else "no eval metric"
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _min_free(settings: Settings) -> int:
+    value = settings.checkpoint.min_free_bytes
+    return DEFAULT_MIN_FREE_BYTES if value is None else value

@@ -1,0 +1,290 @@
+"""`ckptflow` command line. Thin: each command calls one library function or flow; formatting lives here.
+
+Exit codes: 0 ok, 1 failed (or corruption found by `verify`), 2 bad input.
+`--json` prints exactly one JSON document on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+# Before Prefect or HF are imported: offline, no analytics, our logs in Prefect's run logs.
+for _key, _value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "ckptflow",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ckptflow.errors import BadInputError, CkptflowError
+from ckptflow.settings import Settings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Crash-safe, policy-driven LoRA fine-tuning.")
+err = Console(stderr=True)
+out = Console()
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map ckptflow errors to exit codes with a one-paragraph message on stderr."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except BadInputError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except CkptflowError as exc:
+            err.print(f"[bold red]failed:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(EXIT_FAILED) from None
+
+    return wrapper
+
+
+def _emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _settings(config: Path | None) -> Settings:
+    settings = load_settings(config)
+    return settings.model_copy(update={"home": settings.home.resolve()})
+
+
+def _ledger(settings: Settings):
+    from ckptflow.ledger import Ledger
+
+    return Ledger(settings.ledger)
+
+
+@app.command()
+@_exits
+def run(
+    config: ConfigOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Run to create or resume.")] = None,
+    new: Annotated[bool, typer.Option("--new", help="Start a fresh run even if the name exists.")] = False,
+) -> None:
+    """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
+    from ckptflow.quiet import quiet_libraries
+
+    quiet_libraries()
+    settings = _settings(config)
+    for warning in settings.warnings():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    from ckptflow import pipeline
+
+    pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
+    from flows.finetune import finetune
+
+    try:
+        result = finetune(run_name=run_name, new=new, config_file=str(config) if config else None)
+    except (BadInputError, CkptflowError):
+        raise
+    except Exception as exc:  # a chunk that failed all its retries, an export check, ...
+        err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
+        err.print(f"run it again to resume from the last committed checkpoint", highlight=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if result.get("already_completed"):
+        err.print(f"run {result['run']} already completed; `ckptflow checkpoints {result['run']}` shows it, --new trains again")
+        return
+    export = result.get("export", {})
+    err.print(f"run {result['run']} completed: exported step {export.get('step')} to {export.get('path')}")
+
+
+@app.command()
+@_exits
+def plan(
+    config: ConfigOpt = None,
+    at: Annotated[int | None, typer.Option("--at", help="Where would a run that died at STEP resume?")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Chunks, save/eval points, what is kept, and disk needed — without training."""
+    from ckptflow.planner import plan_for_settings
+
+    document = plan_for_settings(_settings(config), at_step=at).to_json()
+    if as_json:
+        _emit_json(document)
+        return
+    for key, value in document.items():
+        out.print(f"[bold]{key}[/]: {value}", highlight=False)
+
+
+@app.command()
+@_exits
+def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Runs with status, steps and best metric."""
+    from ckptflow.views import runs_view
+
+    ledger = _ledger(_settings(config))
+    try:
+        rows = runs_view(ledger)
+    finally:
+        ledger.close()
+    if as_json:
+        _emit_json(rows)
+        return
+    _table(rows, ["name", "status", "last_step", "total_steps", "best_step", "best_metric", "updated_at"])
+
+
+@app.command()
+@_exits
+def checkpoints(
+    run_name: Annotated[str, typer.Argument(help="Run name.")],
+    all_states: Annotated[bool, typer.Option("--all", help="Include pruned, corrupt and partial ones.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Committed (or all) checkpoints of a run."""
+    from ckptflow.views import checkpoints_view
+
+    ledger = _ledger(_settings(config))
+    try:
+        rows = checkpoints_view(ledger, run_name, include_all=all_states)
+    finally:
+        ledger.close()
+    if as_json:
+        _emit_json(rows)
+        return
+    _table(rows, ["step", "state", "metric", "bytes", "is_best", "reason", "path"])
+
+
+@app.command()
+@_exits
+def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Re-hash every committed checkpoint; exit 1 when any file differs or is missing."""
+    from ckptflow.recovery import verify_run
+    from ckptflow.runs import get_run
+
+    ledger = _ledger(_settings(config))
+    try:
+        run_record = get_run(ledger, run_name)
+        problems = verify_run(ledger, run_record.id)
+        checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
+    finally:
+        ledger.close()
+    document = {"run": run_name, "checked": checked, "ok": not problems, "problems": {str(k): v for k, v in problems.items()}}
+    if as_json:
+        _emit_json(document)
+    elif problems:
+        for step, items in sorted(problems.items()):
+            for item in items:
+                err.print(f"[red]checkpoint-{step}[/]: {item}", highlight=False)
+    else:
+        out.print(f"{len(checked)} committed checkpoints verified: {checked}")
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+@_exits
+def prune(
+    run_name: Annotated[str, typer.Argument()],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision; change nothing.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply the retention policy now (the run's recorded policy, or --config's)."""
+    from ckptflow.retention import apply_retention
+    from ckptflow.runs import get_run, run_settings
+
+    settings = _settings(config)
+    ledger = _ledger(settings)
+    try:
+        run_record = get_run(ledger, run_name)
+        policy_settings = settings if config else run_settings(run_record)
+        decision = apply_retention(ledger, run_record.id, policy_settings.checkpoint, dry_run=dry_run)
+    finally:
+        ledger.close()
+    document = {
+        "run": run_name,
+        "dry_run": dry_run,
+        "keep": {str(k): v for k, v in sorted(decision.keep.items())},
+        "prune": {str(k): v for k, v in sorted(decision.prune.items())},
+    }
+    if as_json:
+        _emit_json(document)
+        return
+    verb = "would prune" if dry_run else "pruned"
+    for step, reason in sorted(decision.keep.items()):
+        out.print(f"keep  checkpoint-{step}: {reason}", highlight=False)
+    for step, reason in sorted(decision.prune.items()):
+        out.print(f"{verb} checkpoint-{step}: {reason}", highlight=False)
+
+
+@app.command()
+@_exits
+def export(
+    run_name: Annotated[str, typer.Argument()],
+    step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory.")] = None,
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export the best (or --step) verified checkpoint as a model transformers can load."""
+    from ckptflow.pipeline import export_run
+    from ckptflow.quiet import quiet_libraries
+    from ckptflow.runs import get_run, run_settings
+
+    quiet_libraries()
+    settings = _settings(config)
+    ledger = _ledger(settings)
+    try:
+        recorded = run_settings(get_run(ledger, run_name))
+    finally:
+        ledger.close()
+    recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
+    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None)
+    if as_json:
+        _emit_json(result)
+        return
+    out.print(f"exported checkpoint-{result['step']} of {run_name} to {result['path']}", highlight=False)
+
+
+@app.command()
+def serve() -> None:
+    """Serve the finetune and retrain deployments (flow.serve, no work pool needed)."""
+    from deployments.serve import main as serve_main
+
+    serve_main()
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    out.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,693 @@
+"""The ledger: runs, checkpoints, attempts, exports and run leases in one SQL database.
+
+Every public method is one short transaction and returns plain frozen records (never ORM
+objects), so callers hold no session and no lock between calls. On SQLite:
+
+- WAL journal: readers never block the writer and vice versa;
+- writes start with `BEGIN IMMEDIATE` (SQLAlchemy's pysqlite recipe: the driver's own
+  BEGIN is disabled and a `begin` event emits ours), so two processes writing at once wait
+  for the lock (busy timeout) instead of failing with "database is locked" on an upgrade
+  from a read to a write lock;
+- foreign keys on, on every connection.
+
+The schema comes only from the Alembic migrations shipped in this package; opening a
+`Ledger` upgrades the database to head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+from ckptflow.errors import RunLockedError
+from ckptflow.ledger.models import (
+    Attempt,
+    AttemptStatus,
+    Checkpoint,
+    CheckpointState,
+    Export,
+    Lease,
+    Run,
+    RunStatus,
+    utcnow,
+)
+
+# Packaged Alembic config; its script_location is the `migrations/` package next to it.
+ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
+# Directory of env.py and versions/ (a package, installed with the distribution).
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# How long a SQLite writer waits for another writer's lock before giving up (seconds).
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Execution option that makes the SQLite `begin` hook emit BEGIN IMMEDIATE (write sessions).
+_IMMEDIATE_OPTION = "ckptflow_sqlite_immediate"
+# Retries of the migration step when another process is creating the same schema.
+_MIGRATE_RETRIES = 10
+
+
+# -- records ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    name: str
+    status: RunStatus
+    fingerprint: str
+    config: dict[str, Any]
+    base_model: str
+    total_steps: int
+    metrics: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    id: int
+    run_id: int
+    step: int
+    epoch: float | None
+    path: str
+    state: CheckpointState
+    metrics: dict[str, Any]
+    bytes: int
+    manifest_sha256: str | None
+    created_at: datetime
+    pruned_at: datetime | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    id: int
+    run_id: int
+    chunk: int
+    attempt: int
+    start_step: int
+    end_step: int
+    resumed_from: int | None
+    resumed_from_step: int | None
+    status: AttemptStatus
+    error: str | None
+    notes: str | None
+    prefect_flow_run_id: str | None
+    prefect_task_run_id: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    id: int
+    run_id: int
+    checkpoint_id: int
+    step: int
+    path: str
+    merged: bool
+    metrics: dict[str, Any]
+    promoted: bool
+    created_at: datetime
+
+
+def _run_record(r: Run) -> RunRecord:
+    return RunRecord(
+        id=r.id,
+        name=r.name,
+        status=RunStatus(r.status),
+        fingerprint=r.fingerprint,
+        config=dict(r.config or {}),
+        base_model=r.base_model,
+        total_steps=r.total_steps,
+        metrics=dict(r.metrics or {}),
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+    )
+
+
+def _ckpt_record(c: Checkpoint) -> CheckpointRecord:
+    return CheckpointRecord(
+        id=c.id,
+        run_id=c.run_id,
+        step=c.step,
+        epoch=c.epoch,
+        path=c.path,
+        state=CheckpointState(c.state),
+        metrics=dict(c.metrics or {}),
+        bytes=c.bytes,
+        manifest_sha256=c.manifest_sha256,
+        created_at=c.created_at,
+        pruned_at=c.pruned_at,
+        reason=c.reason,
+    )
+
+
+def _attempt_record(a: Attempt) -> AttemptRecord:
+    return AttemptRecord(
+        id=a.id,
+        run_id=a.run_id,
+        chunk=a.chunk,
+        attempt=a.attempt,
+        start_step=a.start_step,
+        end_step=a.end_step,
+        resumed_from=a.resumed_from,
+        resumed_from_step=a.resumed_from_step,
+        status=AttemptStatus(a.status),
+        error=a.error,
+        notes=a.notes,
+        prefect_flow_run_id=a.prefect_flow_run_id,
+        prefect_task_run_id=a.prefect_task_run_id,
+        started_at=a.started_at,
+        finished_at=a.finished_at,
+    )
+
+
+def _export_record(e: Export, step: int) -> ExportRecord:
+    return ExportRecord(
+        id=e.id,
+        run_id=e.run_id,
+        checkpoint_id=e.checkpoint_id,
+        step=step,
+        path=e.path,
+        merged=bool(e.merged),
+        metrics=dict(e.metrics or {}),
+        promoted=bool(e.promoted),
+        created_at=e.created_at,
+    )
+
+
+# -- engine ----------------------------------------------------------------------------
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a file-based SQLite URL, else None."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return None
+    db = u.database
+    if not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory":
+        return None
+    return Path(db)
+
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite":
+        return create_engine(u, pool_pre_ping=True, **kwargs)
+    path = _sqlite_file(url)
+    connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
+    if path is None:  # in-memory: one shared connection, or every checkout sees an empty database
+        connect_args["check_same_thread"] = False
+        kwargs.setdefault("poolclass", StaticPool)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(u, connect_args=connect_args, **kwargs)
+    wal = path is not None
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cur.execute("PRAGMA foreign_keys = ON")
+            if wal:
+                _retry_locked(lambda: cur.execute("PRAGMA journal_mode = WAL"))
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        immediate = conn.get_execution_options().get(_IMMEDIATE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _retry_locked(fn: Any, attempts: int = 50) -> Any:
+    """Run fn, retrying briefly on SQLite lock errors the busy handler does not cover."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # sqlite3.OperationalError (raw DBAPI, no SQLAlchemy wrapper here)
+            if "locked" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(0.05 * (i + 1))
+    return None
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path | None) -> Iterator[None]:
+    """Serialize first-time setup of one SQLite file across processes (flock on its directory)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on BEGIN IMMEDIATE + retries
+        fcntl = None  # type: ignore[assignment]
+    if path is None or fcntl is None:
+        yield
+        return
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _alembic_config() -> Config:
+    cfg = Config(str(ALEMBIC_INI))
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str | None:
+    """The newest migration shipped with this package."""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+# -- the ledger --------------------------------------------------------------------------
+class Ledger:
+    """The SQL ledger. Open with any SQLAlchemy URL; the schema is migrated to head on open."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._sqlite_path = _sqlite_file(url)
+        self._engine = make_engine(url)
+        self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
+        self._read = sessionmaker(self._engine, expire_on_commit=False)
+        self._write = sessionmaker(self._writer_engine, expire_on_commit=False)
+        try:
+            self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.url!r})"
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    # -- schema ----------------------------------------------------------------------
+    def current_revision(self) -> str | None:
+        with self._engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def _migrate(self) -> None:
+        """Upgrade to head; safe when several processes open a fresh ledger at once."""
+        head = head_revision()
+        with _dir_lock(self._sqlite_path):
+            for i in range(_MIGRATE_RETRIES):
+                try:
+                    if self.current_revision() == head:
+                        return
+                    cfg = _alembic_config()
+                    with self._writer_engine.begin() as conn:  # one transaction (BEGIN IMMEDIATE on SQLite)
+                        cfg.attributes["connection"] = conn
+                        command.upgrade(cfg, "head")
+                    return
+                except (OperationalError, IntegrityError) as exc:
+                    # Another process created the schema between our check and our upgrade.
+                    msg = str(exc).lower()
+                    transient = any(s in msg for s in ("already exists", "locked", "duplicate"))
+                    if i == _MIGRATE_RETRIES - 1 or not transient:
+                        raise
+                    time.sleep(0.1 * (i + 1))
+
+    # -- runs ------------------------------------------------------------------------
+    def create_run(
+        self, name: str, *, fingerprint: str, config: dict[str, Any], base_model: str, total_steps: int
+    ) -> RunRecord:
+        """A new run in status `running`. Raises ValueError if the name is taken."""
+        now = utcnow()
+        run = Run(
+            name=name,
+            status=RunStatus.RUNNING.value,
+            fingerprint=fingerprint,
+            config=dict(config),
+            base_model=base_model,
+            total_steps=total_steps,
+            metrics={},
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._write.begin() as s:
+                s.add(run)
+                s.flush()
+                return _run_record(run)
+        except IntegrityError:
+            raise ValueError(f"a run named {name!r} already exists in the ledger") from None
+
+    def get_run(self, name: str) -> RunRecord | None:
+        with self._read() as s:
+            run = s.scalar(select(Run).where(Run.name == name))
+            return _run_record(run) if run else None
+
+    def get_run_by_id(self, run_id: int) -> RunRecord:
+        """Raises KeyError if there is no such run."""
+        with self._read() as s:
+            return _run_record(self._run(s, run_id))
+
+    def list_runs(self) -> list[RunRecord]:
+        """All runs, newest first."""
+        with self._read() as s:
+            rows = s.scalars(select(Run).order_by(Run.created_at.desc(), Run.id.desc()))
+            return [_run_record(r) for r in rows]
+
+    def set_run_status(self, run_id: int, status: RunStatus | str) -> None:
+        status = RunStatus(status)
+        with self._write.begin() as s:
+            run = self._run(s, run_id)
+            run.status = status.value
+            run.updated_at = utcnow()
+
+    def update_run_metrics(self, run_id: int, metrics: dict[str, Any]) -> RunRecord:
+        """Shallow-merge `metrics` into the run's metrics; returns the updated run."""
+        with self._write.begin() as s:
+            run = self._run(s, run_id)
+            run.metrics = {**(run.metrics or {}), **metrics}
+            run.updated_at = utcnow()
+            s.flush()
+            return _run_record(run)
+
+    def rename_run(self, run_id: int, new_name: str) -> None:
+        """Raises ValueError if new_name is taken."""
+        try:
+            with self._write.begin() as s:
+                run = self._run(s, run_id)
+                run.name = new_name
+                run.updated_at = utcnow()
+        except IntegrityError:
+            raise ValueError(f"cannot rename run {run_id}: a run named {new_name!r} already exists") from None
+
+    def best_metrics(self, metric: str = "eval_loss", *, greater_is_better: bool = False) -> dict[int, dict[str, Any]]:
+        """Per run id, a summary of its committed checkpoints, in two queries for all runs.
+
+        Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
+        "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
+        in the checkpoints' metrics (ties: the earlier step).
+        """
+        committed = CheckpointState.COMMITTED.value
+        out: dict[int, dict[str, Any]] = {}
+        with self._read() as s:
+            counts = s.execute(
+                select(Run.id, func.count(Checkpoint.id), func.max(Checkpoint.step))
+                .outerjoin(Checkpoint, (Checkpoint.run_id == Run.id) & (Checkpoint.state == committed))
+                .group_by(Run.id)
+            )
+            for run_id, n, latest in counts:
+                out[run_id] = {
+                    "committed": n, "latest_step": latest, "best_step": None, "best_value": None, "metric": metric
+                }
+            value = Checkpoint.metrics[metric].as_float()
+            rows = s.execute(
+                select(Checkpoint.run_id, Checkpoint.step, value)
+                .where(Checkpoint.state == committed, value.is_not(None))
+                .order_by(Checkpoint.run_id, Checkpoint.step)
+            )
+            for run_id, step, v in rows:
+                entry = out[run_id]
+                best = entry["best_value"]
+                if best is None or (v > best if greater_is_better else v < best):
+                    entry["best_step"], entry["best_value"] = step, v
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------
+    def begin_checkpoint(self, run_id: int, step: int, path: str) -> CheckpointRecord:
+        """Record that checkpoint `step` is being written; an existing row for that step is reset."""
+        now = utcnow()
+        with self._write.begin() as s:
+            ck = self._ckpt(s, run_id, step)
+            if ck is None:
+                ck = Checkpoint(run_id=run_id, step=step)
+                s.add(ck)
+            ck.epoch, ck.path, ck.state = None, str(path), CheckpointState.WRITING.value
+            ck.metrics, ck.bytes, ck.manifest_sha256 = {}, 0, None
+            ck.created_at, ck.pruned_at, ck.reason = now, None, None
+            s.flush()
+            return _ckpt_record(ck)
+
+    def commit_checkpoint(
+        self,
+        run_id: int,
+        step: int,
+        *,
+        epoch: float | None,
+        metrics: dict[str, Any],
+        bytes: int,  # noqa: A002 - the column's name
+        manifest_sha256: str,
+        path: str | None = None,
+    ) -> CheckpointRecord:
+        """writing → committed. Creates the row if begin was skipped (then `path` is required)."""
+        with self._write.begin() as s:
+            ck = self._ckpt(s, run_id, step)
+            if ck is None:
+                if path is None:
+                    raise ValueError(f"checkpoint {step} of run {run_id} was never begun: pass its path")
+                ck = Checkpoint(run_id=run_id, step=step, created_at=utcnow())
+                s.add(ck)
+            if path is not None:
+                ck.path = str(path)
+            ck.epoch, ck.metrics, ck.bytes = epoch, dict(metrics), int(bytes)
+            ck.state, ck.manifest_sha256 = CheckpointState.COMMITTED.value, manifest_sha256
+            ck.pruned_at, ck.reason = None, None
+            s.flush()
+            return _ckpt_record(ck)
+
+    def mark_checkpoint(self, run_id: int, step: int, state: CheckpointState | str, reason: str | None = None) -> None:
+        """Set a checkpoint's state (pruned/corrupt/partial/...); `pruned` also stamps pruned_at."""
+        state = CheckpointState(state)
+        with self._write.begin() as s:
+            ck = self._ckpt(s, run_id, step)
+            if ck is None:
+                raise KeyError(f"run {run_id} has no checkpoint at step {step}")
+            ck.state, ck.reason = state.value, reason
+            if state is CheckpointState.PRUNED:
+                ck.pruned_at = utcnow()
+
+    def checkpoints(self, run_id: int, states: Iterable[CheckpointState | str] | None = None) -> list[CheckpointRecord]:
+        """The run's checkpoints (optionally only those in `states`), by step ascending."""
+        q = select(Checkpoint).where(Checkpoint.run_id == run_id)
+        if states is not None:
+            q = q.where(Checkpoint.state.in_([CheckpointState(x).value for x in states]))
+        with self._read() as s:
+            return [_ckpt_record(c) for c in s.scalars(q.order_by(Checkpoint.step))]
+
+    def get_checkpoint(self, run_id: int, step: int) -> CheckpointRecord | None:
+        with self._read() as s:
+            ck = self._ckpt(s, run_id, step)
+            return _ckpt_record(ck) if ck else None
+
+    # -- attempts ---------------------------------------------------------------------
+    def start_attempt(
+        self,
+        run_id: int,
+        *,
+        chunk: int,
+        start_step: int,
+        end_step: int,
+        resumed_from_step: int | None,
+        prefect_flow_run_id: str | None = None,
+        prefect_task_run_id: str | None = None,
+    ) -> AttemptRecord:
+        """A running attempt; its number is 1 + the attempts already made at (run, chunk)."""
+        with self._write.begin() as s:
+            n = s.scalar(select(func.count(Attempt.id)).where(Attempt.run_id == run_id, Attempt.chunk == chunk))
+            resumed = self._ckpt(s, run_id, resumed_from_step) if resumed_from_step is not None else None
+            a = Attempt(
+                run_id=run_id,
+                chunk=chunk,
+                attempt=(n or 0) + 1,
+                start_step=start_step,
+                end_step=end_step,
+                resumed_from=resumed.id if resumed else None,
+                resumed_from_step=resumed_from_step,
+                status=AttemptStatus.RUNNING.value,
+                prefect_flow_run_id=_opt_str(prefect_flow_run_id),
+                prefect_task_run_id=_opt_str(prefect_task_run_id),
+                started_at=utcnow(),
+            )
+            s.add(a)
+            s.flush()
+            return _attempt_record(a)
+
+    def finish_attempt(self, attempt_id: int, status: AttemptStatus | str, error: str | None = None) -> None:
+        status = AttemptStatus(status)
+        with self._write.begin() as s:
+            a = self._attempt(s, attempt_id)
+            a.status, a.error, a.finished_at = status.value, error, utcnow()
+
+    def add_attempt_note(self, attempt_id: int, note: str) -> None:
+        """Append one line to the attempt's notes."""
+        with self._write.begin() as s:
+            a = self._attempt(s, attempt_id)
+            a.notes = f"{a.notes}\n{note}" if a.notes else note
+
+    def attempts(self, run_id: int) -> list[AttemptRecord]:
+        """The run's attempts in the order they started."""
+        with self._read() as s:
+            rows = s.scalars(select(Attempt).where(Attempt.run_id == run_id).order_by(Attempt.id))
+            return [_attempt_record(a) for a in rows]
+
+    # -- exports ----------------------------------------------------------------------
+    def record_export(
+        self, run_id: int, *, checkpoint_id: int, path: str, merged: bool, metrics: dict[str, Any]
+    ) -> ExportRecord:
+        """Raises KeyError if the checkpoint is not one of this run's."""
+        with self._write.begin() as s:
+            ck = s.get(Checkpoint, checkpoint_id)
+            if ck is None or ck.run_id != run_id:
+                raise KeyError(f"checkpoint id {checkpoint_id} is not a checkpoint of run {run_id}")
+            e = Export(
+                run_id=run_id,
+                checkpoint_id=checkpoint_id,
+                path=str(path),
+                merged=bool(merged),
+                metrics=dict(metrics),
+                promoted=False,
+                created_at=utcnow(),
+            )
+            s.add(e)
+            s.flush()
+            return _export_record(e, ck.step)
+
+    def set_promoted(self, export_id: int, promoted: bool) -> None:
+        with self._write.begin() as s:
+            res = s.execute(update(Export).where(Export.id == export_id).values(promoted=bool(promoted)))
+            if res.rowcount == 0:
+                raise KeyError(f"no export with id {export_id}")
+
+    def exports(self, run_id: int | None = None) -> list[ExportRecord]:
+        """Exports (of one run, or all), oldest first."""
+        q = select(Export, Checkpoint.step).join(Checkpoint, Checkpoint.id == Export.checkpoint_id)
+        if run_id is not None:
+            q = q.where(Export.run_id == run_id)
+        with self._read() as s:
+            return [_export_record(e, step) for e, step in s.execute(q.order_by(Export.id))]
+
+    # -- leases -----------------------------------------------------------------------
+    def acquire_lease(self, run_id: int, holder: str, *, ttl_seconds: float = 60) -> None:
+        """Become the run's only writer, or raise RunLockedError naming the live holder.
+
+        A lease held by someone else is taken over when its holder is gone: its pid is dead
+        on this host, or it has not heartbeat for `ttl_seconds`. Re-acquiring one's own
+        lease refreshes it.
+        """
+        now, host, pid = utcnow(), socket.gethostname(), os.getpid()
+        with self._write.begin() as s:
+            run = self._run(s, run_id)
+            lease = s.get(Lease, run_id)
+            if lease is None:
+                s.add(Lease(run_id=run_id, holder=holder, host=host, pid=pid, acquired_at=now, heartbeat_at=now))
+                return
+            if lease.holder != holder:
+                age = (now - lease.heartbeat_at).total_seconds()
+                dead = lease.host == host and not _pid_alive(lease.pid)
+                if not dead and age <= ttl_seconds:
+                    raise RunLockedError(
+                        f"run {run.name!r} is being written by {lease.holder} (host {lease.host}, pid {lease.pid}) "
+                        f"since {lease.acquired_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {age:.0f}s ago: "
+                        "wait for it to finish, or stop that process and retry"
+                    )
+                lease.acquired_at = now
+            lease.holder, lease.host, lease.pid, lease.heartbeat_at = holder, host, pid, now
+
+    def heartbeat(self, run_id: int, holder: str) -> None:
+        """Prove the holder is alive. Raises RunLockedError if the lease was lost (taken over or released)."""
+        with self._write.begin() as s:
+            res = s.execute(
+                update(Lease).where(Lease.run_id == run_id, Lease.holder == holder).values(heartbeat_at=utcnow())
+            )
+            if res.rowcount == 0:
+                raise RunLockedError(
+                    f"{holder} no longer holds the lease of run {run_id}: another process took it over"
+                )
+
+    def release_lease(self, run_id: int, holder: str) -> None:
+        """Give the lease up; a no-op if `holder` does not hold it."""
+        with self._write.begin() as s:
+            lease = s.get(Lease, run_id)
+            if lease is not None and lease.holder == holder:
+                s.delete(lease)
+
+    def lease_holder(self, run_id: int) -> str | None:
+        with self._read() as s:
+            lease = s.get(Lease, run_id)
+            return lease.holder if lease else None
+
+    # -- helpers ----------------------------------------------------------------------
+    @staticmethod
+    def _run(s: Session, run_id: int) -> Run:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise KeyError(f"no run with id {run_id} in the ledger")
+        return run
+
+    @staticmethod
+    def _ckpt(s: Session, run_id: int, step: int) -> Checkpoint | None:
+        return s.scalar(select(Checkpoint).where(Checkpoint.run_id == run_id, Checkpoint.step == step))
+
+    @staticmethod
+    def _attempt(s: Session, attempt_id: int) -> Attempt:
+        a = s.get(Attempt, attempt_id)
+        if a is None:
+            raise KeyError(f"no attempt with id {attempt_id} in the ledger")
+        return a
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host (zombies count as dead)."""
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+__all__ = [
+    "ALEMBIC_INI",
+    "MIGRATIONS_DIR",
+    "AttemptRecord",
+    "CheckpointRecord",
+    "ExportRecord",
+    "Ledger",
+    "RunRecord",
+    "head_revision",
+    "make_engine",
+]

@@ -1,0 +1,164 @@
+"""The finetune pipeline's steps as plain functions: what Prefect tasks and the CLI call.
+
+prepare → open_run → train chunks → evaluate → export. Each step takes settings and
+the run name and reads/writes the ledger itself, so it can run in any process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
+from ckptflow.ledger import Ledger, RunStatus
+from ckptflow.runs import OpenedRun, get_run, open_run
+from ckptflow.settings import Settings
+
+
+@dataclass(frozen=True)
+class PreparedInfo:
+    """What prepare_data hands on: small and picklable (the datasets stay in the on-disk cache)."""
+
+    data_fingerprint: str
+    train_rows: int
+    eval_rows: int
+    source: str
+    model_path: str
+
+
+def data_cache_dir(settings: Settings) -> Path:
+    return settings.home / "data-cache"
+
+
+def load_inputs(settings: Settings):
+    """(resolved model, tokenizer, prepared data); the tokenized data comes from the cache when warm."""
+    from ckptflow.data import prepare_data
+    from ckptflow.modeling import load_tokenizer, resolve_model
+
+    resolved = resolve_model(settings.model.name_or_path, settings.home)
+    tokenizer = load_tokenizer(resolved)
+    data = prepare_data(
+        settings.data,
+        tokenizer=tokenizer,
+        max_length=settings.model.max_length,
+        seed=settings.train.seed,
+        cache_dir=data_cache_dir(settings),
+    )
+    return resolved, tokenizer, data
+
+
+def prepare(settings: Settings) -> PreparedInfo:
+    resolved, _, data = load_inputs(settings)
+    return PreparedInfo(data.fingerprint, data.train_rows, data.eval_rows, data.source, str(resolved.path))
+
+
+def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str | None, new: bool) -> OpenedRun:
+    ledger = Ledger(settings.ledger)
+    try:
+        opened = open_run(
+            ledger,
+            settings,
+            data_fingerprint=prepared.data_fingerprint,
+            train_rows=prepared.train_rows,
+            run_name=run_name,
+            new=new,
+        )
+        if not opened.completed:
+            ledger.set_run_status(opened.run.id, RunStatus.RUNNING)
+        return opened
+    finally:
+        ledger.close()
+
+
+def set_status(settings: Settings, run_name: str, status: RunStatus) -> None:
+    ledger = Ledger(settings.ledger)
+    try:
+        ledger.set_run_status(get_run(ledger, run_name).id, status)
+    finally:
+        ledger.close()
+
+
+def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
+    """Eval loss/perplexity of the base model and the best checkpoint; stored in runs.metrics."""
+    from ckptflow.evaluation import evaluate_checkpoint, evaluate_model
+    from ckptflow.modeling import load_base_model
+    from ckptflow.selection import choose_checkpoint
+
+    ledger = Ledger(settings.ledger)
+    try:
+        run = get_run(ledger, run_name)
+        resolved, tokenizer, data = load_inputs(settings)
+        if data.eval is None or not settings.checkpoint.evaluates:
+            return {"skipped": "no eval data or eval_strategy=no"}
+        best, notes = choose_checkpoint(ledger, run, settings)
+        base = evaluate_model(load_base_model(resolved), data.eval, tokenizer, settings)
+        tuned = evaluate_checkpoint(load_base_model(resolved), Path(best.path), data.eval, tokenizer, settings)
+        result = {
+            "base_eval_loss": base[EVAL_LOSS],
+            "base_perplexity": base[PERPLEXITY],
+            "best_step": best.step,
+            "best_eval_loss": tuned[EVAL_LOSS],
+            "best_perplexity": tuned[PERPLEXITY],
+            "notes": notes,
+        }
+        ledger.update_run_metrics(run.id, result)
+        return result
+    finally:
+        ledger.close()
+
+
+def export_run(
+    settings: Settings, run_name: str, *, step: int | None = None, out: Path | None = None, merge: bool | None = None
+) -> dict[str, Any]:
+    """Export the best (or `step`) verified checkpoint; records it in the ledger."""
+    from ckptflow.export import export_checkpoint
+    from ckptflow.modeling import load_base_model, load_tokenizer, resolve_model
+    from ckptflow.selection import choose_checkpoint
+
+    ledger = Ledger(settings.ledger)
+    try:
+        run = get_run(ledger, run_name)
+        ckpt, notes = choose_checkpoint(ledger, run, settings, step=step)
+        resolved = resolve_model(settings.model.name_or_path, settings.home)
+        merged = settings.export.merge if merge is None else merge
+        metrics = {**ckpt.metrics, **{k: v for k, v in run.metrics.items() if k.startswith(("best_", "base_"))}}
+        result = export_checkpoint(
+            run=run,
+            checkpoint=ckpt,
+            out_dir=out or settings.export_dir(run.name),
+            merge=merged,
+            base_loader=lambda: load_base_model(resolved),
+            tokenizer=load_tokenizer(resolved),
+            metrics=metrics,
+        )
+        record = ledger.record_export(
+            run.id, checkpoint_id=ckpt.id, path=str(result.path), merged=merged, metrics=metrics
+        )
+        return {
+            "export_id": record.id,
+            "path": str(result.path),
+            "step": ckpt.step,
+            "merged": merged,
+            "metrics": metrics,
+            "max_logit_diff": result.max_logit_diff,
+            "seconds": result.seconds,
+            "notes": notes,
+        }
+    finally:
+        ledger.close()
+
+
+@contextmanager
+def run_lease(settings: Settings, run_name: str, holder: str) -> Iterator[None]:
+    """Hold the run's lease for the block: a second live `ckptflow run` on this run is refused."""
+    ledger = Ledger(settings.ledger)
+    run_id = get_run(ledger, run_name).id
+    ledger.acquire_lease(run_id, holder)
+    try:
+        yield
+    finally:
+        ledger.release_lease(run_id, holder)
+        ledger.close()

@@ -1,0 +1,262 @@
+"""Recovery and pruning executors: make the ledger and the checkpoint directories agree.
+
+Plain functions over a `Ledger` and the filesystem (no Prefect, no torch):
+
+- `reconcile` runs at the start of every attempt and finishes whatever a crash left half
+  done (stuck `writing` rows, partial directories, unrecorded complete checkpoints,
+  interrupted prunes, vanished directories);
+- `resume_point` picks the newest committed checkpoint that verifies;
+- `verify_run` re-hashes every committed checkpoint;
+- `prune_checkpoints` is the one executor of a retention decision.
+
+Nothing here deletes a directory the ledger does not know: unknown or broken directories
+are quarantined.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ckptflow.integrity import (
+    checkpoint_dirs,
+    checkpoint_step,
+    manifest_sha256,
+    quarantine,
+    read_manifest,
+    unmanifested_dirs,
+    verify_checkpoint,
+)
+from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger
+
+log = logging.getLogger(__name__)
+
+# Prefix a checkpoint directory is renamed to while it is being deleted by a prune, so a
+# half-deleted directory never looks like a `checkpoint-<N>` (HF or we might resume from it).
+PRUNING_PREFIX = ".pruning-"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    step: int
+    path: Path
+    checkpoint_id: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _pruning_name(path: Path) -> Path:
+    return path.with_name(PRUNING_PREFIX + path.name)
+
+
+def _commit_from_manifest(ledger: Ledger, run_id: int, path: Path) -> list[str]:
+    """Commit a complete directory to the ledger from its manifest; returns the problems ([] = committed)."""
+    problems = verify_checkpoint(path)
+    manifest = read_manifest(path)
+    if problems or manifest is None:
+        return problems or [f"{path.name}: unreadable manifest"]
+    epoch = manifest.metrics.get("epoch")
+    ledger.commit_checkpoint(
+        run_id,
+        manifest.step,
+        epoch=float(epoch) if isinstance(epoch, int | float) else None,
+        metrics=manifest.metrics,
+        bytes=manifest.total_bytes,
+        manifest_sha256=manifest_sha256(path) or "",
+        path=str(path),
+    )
+    return []
+
+
+def _quarantine(path: Path, quarantine_dir: Path, reason: str, notes: list[str]) -> None:
+    dest = quarantine(path, quarantine_dir, reason)
+    notes.append(f"{path.name}: {reason}; moved to {dest}")
+
+
+def _finish_prunes(
+    ledger: Ledger,
+    run_id: int,
+    checkpoints_dir: Path,
+    quarantine_dir: Path,
+    rows: dict[int, CheckpointRecord],
+    notes: list[str],
+) -> None:
+    """Step 0 of reconcile: complete prunes a crash interrupted."""
+    root = Path(checkpoints_dir)
+    pending = sorted(root.glob(PRUNING_PREFIX + "checkpoint-*")) if root.is_dir() else []
+    for path in pending:
+        step = checkpoint_step(path.with_name(path.name.removeprefix(PRUNING_PREFIX)))
+        if step is not None and step in rows:
+            if rows[step].state == CheckpointState.COMMITTED:
+                ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, "pruned (finished after an interruption)")
+            shutil.rmtree(path)
+            notes.append(f"checkpoint-{step}: finished an interrupted prune")
+        else:  # not ours to delete
+            _quarantine(path, quarantine_dir, "interrupted prune of a checkpoint the ledger does not know", notes)
+    for row in rows.values():
+        path = Path(row.path)
+        if row.state == CheckpointState.PRUNED and path.is_dir() and checkpoint_step(path) == row.step:
+            _delete_checkpoint_dir(path)
+            notes.append(f"checkpoint-{row.step}: finished an interrupted prune")
+
+
+def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path) -> list[str]:
+    """Make the ledger and the checkpoint directories agree after a crash; returns human notes.
+
+    Steps: (0) finish interrupted prunes; (1) rows stuck in `writing`: commit them if the
+    directory has a manifest that verifies, else mark `partial` and quarantine the
+    directory; (2) `checkpoint-N` directories without a manifest: quarantine, and mark the
+    row partial (corrupt if it claimed to be committed); (3) directories with a valid
+    manifest the ledger does not know (killed between manifest and ledger commit): commit
+    them, and quarantine directories of rows already marked corrupt/partial; (4) committed
+    rows whose directory is gone: mark corrupt.
+    """
+    checkpoints_dir, quarantine_dir = Path(checkpoints_dir), Path(quarantine_dir)
+    notes: list[str] = []
+    rows = {r.step: r for r in ledger.checkpoints(run_id)}
+    _finish_prunes(ledger, run_id, checkpoints_dir, quarantine_dir, rows, notes)  # (0)
+    _settle_writing(ledger, run_id, quarantine_dir, rows, notes)  # (1)
+    _quarantine_unmanifested(ledger, run_id, checkpoints_dir, quarantine_dir, notes)  # (2)
+    _adopt_unrecorded(ledger, run_id, checkpoints_dir, quarantine_dir, notes)  # (3)
+    for row in ledger.checkpoints(run_id, [CheckpointState.COMMITTED]):  # (4)
+        if not Path(row.path).is_dir():
+            ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, "directory missing")
+            notes.append(f"checkpoint-{row.step}: committed but its directory {row.path} is missing; marked corrupt")
+    for note in notes:
+        log.warning("%s", note)
+    return notes
+
+
+def _settle_writing(
+    ledger: Ledger, run_id: int, quarantine_dir: Path, rows: dict[int, CheckpointRecord], notes: list[str]
+) -> None:
+    """Step 1: a row stuck in `writing` is committed if its directory is complete, else partial."""
+    for row in rows.values():
+        if row.state != CheckpointState.WRITING:
+            continue
+        path = Path(row.path)
+        problems = _commit_from_manifest(ledger, run_id, path) if path.is_dir() else ["directory missing"]
+        if not problems:
+            notes.append(f"checkpoint-{row.step}: was complete on disk; committed it from its manifest")
+            continue
+        reason = "interrupted while writing: " + "; ".join(problems)
+        ledger.mark_checkpoint(run_id, row.step, CheckpointState.PARTIAL, reason)
+        if path.is_dir():
+            _quarantine(path, quarantine_dir, reason, notes)
+        else:
+            notes.append(f"checkpoint-{row.step}: interrupted while writing, nothing on disk; marked partial")
+
+
+def _quarantine_unmanifested(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, notes: list[str]
+) -> None:
+    """Step 2: a `checkpoint-N` directory without a manifest is partial (corrupt if its row was committed)."""
+    rows = {r.step: r for r in ledger.checkpoints(run_id)}
+    reason = "no manifest: the checkpoint was not completely written"
+    for path in unmanifested_dirs(checkpoints_dir):
+        row = rows.get(checkpoint_step(path))  # type: ignore[arg-type]
+        if row is not None and Path(row.path).resolve() == path.resolve():
+            state = CheckpointState.CORRUPT if row.state == CheckpointState.COMMITTED else CheckpointState.PARTIAL
+            ledger.mark_checkpoint(run_id, row.step, state, reason)
+        _quarantine(path, quarantine_dir, reason, notes)
+
+
+def _adopt_unrecorded(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, notes: list[str]
+) -> None:
+    """Step 3: commit complete directories the ledger does not know; move leftovers of corrupt/partial rows away."""
+    rows = {r.step: r for r in ledger.checkpoints(run_id)}
+    for path in checkpoint_dirs(checkpoints_dir):
+        row = rows.get(checkpoint_step(path))  # type: ignore[arg-type]
+        if row is not None:
+            if row.state in (CheckpointState.CORRUPT, CheckpointState.PARTIAL):  # left behind by a crash
+                _quarantine(path, quarantine_dir, row.reason or f"checkpoint marked {row.state}", notes)
+            continue
+        problems = _commit_from_manifest(ledger, run_id, path)
+        if not problems:
+            notes.append(f"{path.name}: complete but unrecorded (killed before the ledger commit); committed it")
+        else:
+            _quarantine(path, quarantine_dir, "unrecorded and does not verify: " + "; ".join(problems), notes)
+
+
+def resume_point(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, *, max_step: int | None = None
+) -> ResumePoint | None:
+    """The newest committed checkpoint (step <= max_step) that verifies; None = start from scratch.
+
+    A checkpoint that fails verification is marked corrupt (reason = the problems),
+    quarantined, and the next newest is tried; each such fallback adds a note.
+    """
+    notes: list[str] = []
+    committed = ledger.checkpoints(run_id, [CheckpointState.COMMITTED])
+    for row in reversed(committed):
+        if max_step is not None and row.step > max_step:
+            continue
+        path = Path(row.path)
+        problems = verify_checkpoint(path, row.manifest_sha256)
+        if not problems:
+            return ResumePoint(step=row.step, path=path, checkpoint_id=row.id, notes=notes)
+        reason = "; ".join(problems)
+        ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, reason)
+        where = ""
+        if path.exists():
+            where = f", quarantined to {quarantine(path, quarantine_dir, 'failed verification: ' + reason)}"
+        note = f"checkpoint-{row.step} corrupt ({reason}){where}; trying an older checkpoint"
+        log.warning("%s", note)
+        notes.append(note)
+    if notes:
+        log.warning("run %s: no committed checkpoint verifies; starting from scratch", run_id)
+    return None
+
+
+def verify_run(ledger: Ledger, run_id: int) -> dict[int, list[str]]:
+    """Re-hash every committed checkpoint; {step: problems} for the bad ones. Changes nothing."""
+    bad: dict[int, list[str]] = {}
+    for row in ledger.checkpoints(run_id, [CheckpointState.COMMITTED]):
+        problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
+        if problems:
+            bad[row.step] = problems
+    return bad
+
+
+def _delete_checkpoint_dir(path: Path) -> None:
+    """Rename to `.pruning-<name>` (atomic), then delete; idempotent."""
+    pending = _pruning_name(path)
+    if path.is_dir():
+        os.replace(path, pending)
+    if pending.exists():
+        shutil.rmtree(pending)
+
+
+def prune_checkpoints(
+    ledger: Ledger, run_id: int, prune: Mapping[int, str], *, never_delete: Collection[int] = ()
+) -> list[int]:
+    """Execute a retention decision: delete the given steps' directories and mark them pruned.
+
+    `prune` maps step → reason (from policy.py). Steps in `never_delete` and rows that are
+    not committed are skipped. Order per step, crash-safe: (1) mark the row `pruned` (a
+    committed row never points at a deleted directory); (2) rename the directory to
+    `.pruning-checkpoint-N` (a half-deleted directory never looks like a checkpoint);
+    (3) delete it. `reconcile` finishes (2)-(3) after a crash. Returns the steps pruned.
+    """
+    protected = set(never_delete)
+    rows = {r.step: r for r in ledger.checkpoints(run_id, [CheckpointState.COMMITTED])}
+    done: list[int] = []
+    for step in sorted(prune):
+        row = rows.get(step)
+        if step in protected or row is None:
+            continue
+        path = Path(row.path)
+        if checkpoint_step(path) != step:
+            log.warning("not pruning step %s: its path %s is not a checkpoint-%s directory", step, path, step)
+            continue
+        ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, prune[step])  # (1)
+        _delete_checkpoint_dir(path)  # (2), (3)
+        done.append(step)
+    return done
+
+
+__all__ = ["PRUNING_PREFIX", "ResumePoint", "prune_checkpoints", "reconcile", "resume_point", "verify_run"]

@@ -1,0 +1,29 @@
+"""Apply the retention policy to a run: decide (policy.py, pure), then act (recovery.prune_checkpoints)."""
+
+from __future__ import annotations
+
+from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
+from ckptflow.policy import RetentionDecision, decide_retention, retention_policy
+from ckptflow.recovery import prune_checkpoints
+from ckptflow.settings import CheckpointSettings
+
+
+def steps_in_use(ledger: Ledger, run_id: int) -> set[int]:
+    """Checkpoints that a running attempt resumed from: never deleted under it."""
+    return {
+        a.resumed_from_step
+        for a in ledger.attempts(run_id)
+        if a.status == AttemptStatus.RUNNING and a.resumed_from_step is not None
+    }
+
+
+def apply_retention(
+    ledger: Ledger, run_id: int, ck: CheckpointSettings, *, dry_run: bool = False
+) -> RetentionDecision:
+    """Decide over the run's committed checkpoints and, unless `dry_run`, prune what the policy drops."""
+    committed = ledger.checkpoints(run_id, states=[CheckpointState.COMMITTED])
+    in_use = steps_in_use(ledger, run_id)
+    decision = decide_retention(retention_policy(ck), committed, protected=in_use)
+    if not dry_run and decision.prune:
+        prune_checkpoints(ledger, run_id, decision.prune, never_delete=in_use)
+    return decision

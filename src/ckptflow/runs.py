@@ -1,0 +1,121 @@
+"""Open a run in the ledger: create it, or reopen it when config and data are unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
+from ckptflow.ledger import Ledger, RunRecord, RunStatus
+from ckptflow.settings import Settings, settings_from_json, steps_per_epoch
+
+# Keys of runs.config (JSON).
+CONFIG_SETTINGS = "settings"
+CONFIG_DATA_FINGERPRINT = "data_fingerprint"
+
+
+@dataclass(frozen=True)
+class OpenedRun:
+    run: RunRecord
+    created: bool
+
+    @property
+    def completed(self) -> bool:
+        return self.run.status == RunStatus.COMPLETED
+
+
+def total_steps(settings: Settings, train_rows: int) -> int:
+    """Optimizer steps of the whole run, fixed up front (as HF derives max_steps from epochs)."""
+    if settings.train.max_steps > 0:
+        return settings.train.max_steps
+    per_epoch = steps_per_epoch(train_rows, settings.train.batch_size, settings.train.gradient_accumulation_steps)
+    return max(1, math.ceil(settings.train.epochs * per_epoch))
+
+
+def run_fingerprint(settings: Settings, data_fingerprint: str) -> str:
+    return hashlib.sha256(f"{settings.training_fingerprint()}:{data_fingerprint}".encode()).hexdigest()
+
+
+def default_run_name(settings: Settings, data_fingerprint: str) -> str:
+    """Same config + data → same name, so running again resumes instead of starting over."""
+    return f"run-{run_fingerprint(settings, data_fingerprint)[:10]}"
+
+
+def run_settings(run: RunRecord) -> Settings:
+    return settings_from_json(run.config[CONFIG_SETTINGS])
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: str) -> str:
+    """What changed between a recorded run and the requested one, one line per field."""
+    before = _flatten(run_settings(old).model_dump(mode="json", exclude={"home", "ledger_url"}))
+    after = _flatten(settings.model_dump(mode="json", exclude={"home", "ledger_url"}))
+    lines = [f"  {k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(after) if before.get(k) != after.get(k)]
+    old_data = old.config.get(CONFIG_DATA_FINGERPRINT)
+    if old_data != data_fingerprint:
+        lines.append(f"  data fingerprint: {str(old_data)[:12]} -> {data_fingerprint[:12]} (data or tokenizer changed)")
+    return "\n".join(lines) or "  (fingerprint algorithm changed)"
+
+
+def _free_name(ledger: Ledger, name: str) -> str:
+    k = 2
+    while ledger.get_run(f"{name}-{k}") is not None:
+        k += 1
+    return f"{name}-{k}"
+
+
+def open_run(
+    ledger: Ledger,
+    settings: Settings,
+    *,
+    data_fingerprint: str,
+    train_rows: int,
+    run_name: str | None = None,
+    new: bool = False,
+) -> OpenedRun:
+    """Create the run, or reopen the existing one of that name.
+
+    Raises FingerprintMismatchError (exit 2) when the existing run was made with other
+    settings or data and `new` is not set; with `new`, the fresh run is named `<name>-<k>`.
+    """
+    name = run_name or default_run_name(settings, data_fingerprint)
+    fingerprint = run_fingerprint(settings, data_fingerprint)
+    existing = ledger.get_run(name)
+    if existing is not None and new:
+        name, existing = _free_name(ledger, name), None
+    if existing is not None:
+        if existing.fingerprint != fingerprint:
+            raise FingerprintMismatchError(
+                f"run {name!r} was recorded with different settings or data:\n"
+                f"{describe_difference(existing, settings, data_fingerprint)}\n"
+                f"resume it with its original settings, or pass --new to start a fresh run"
+            )
+        return OpenedRun(existing, created=False)
+    config = {CONFIG_SETTINGS: settings.to_json(), CONFIG_DATA_FINGERPRINT: data_fingerprint}
+    run = ledger.create_run(
+        name,
+        fingerprint=fingerprint,
+        config=config,
+        base_model=settings.model.name_or_path,
+        total_steps=total_steps(settings, train_rows),
+    )
+    return OpenedRun(run, created=True)
+
+
+def get_run(ledger: Ledger, name: str) -> RunRecord:
+    run = ledger.get_run(name)
+    if run is None:
+        known = ", ".join(r.name for r in ledger.list_runs()[:10]) or "none yet"
+        raise RunNotFoundError(f"no run named {name!r} in {ledger.url} (runs: {known}); see `ckptflow runs`")
+    return run

@@ -1,0 +1,52 @@
+"""Choose the checkpoint to evaluate or export: the best verified one (or a given step)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from ckptflow.errors import BadInputError, NoCheckpointError
+from ckptflow.integrity import quarantine, verify_checkpoint
+from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger, RunRecord
+from ckptflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def rank_checkpoints(checkpoints: list[CheckpointRecord], settings: Settings) -> list[CheckpointRecord]:
+    """Best first by the metric (finite values only, ties → earlier step), then the rest newest first."""
+    ck = settings.checkpoint
+    key = ck.metric_key
+    scored = [c for c in checkpoints if isinstance(c.metrics.get(key), int | float) and math.isfinite(c.metrics[key])]
+    sign = -1.0 if ck.greater_is_better else 1.0
+    scored.sort(key=lambda c: (sign * c.metrics[key], c.step))
+    rest = sorted((c for c in checkpoints if c not in scored), key=lambda c: -c.step)
+    return scored + rest if ck.evaluates else sorted(checkpoints, key=lambda c: -c.step)
+
+
+def choose_checkpoint(
+    ledger: Ledger, run: RunRecord, settings: Settings, *, step: int | None = None
+) -> tuple[CheckpointRecord, list[str]]:
+    """The best committed checkpoint that verifies (or exactly `step`), with warnings for skipped ones.
+
+    A candidate that fails verification is marked corrupt and quarantined; the next one is used.
+    Raises BadInputError for an unknown `step`, NoCheckpointError when nothing verifies.
+    """
+    committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
+    if step is not None:
+        committed = [c for c in committed if c.step == step]
+        if not committed:
+            raise BadInputError(f"run {run.name!r} has no committed checkpoint at step {step}; see `ckptflow checkpoints {run.name}`")
+    notes: list[str] = []
+    for candidate in rank_checkpoints(committed, settings):
+        problems = verify_checkpoint(Path(candidate.path), candidate.manifest_sha256)
+        if not problems:
+            return candidate, notes
+        reason = "; ".join(problems)
+        ledger.mark_checkpoint(run.id, candidate.step, CheckpointState.CORRUPT, reason)
+        if Path(candidate.path).exists():
+            quarantine(Path(candidate.path), settings.quarantine_dir(run.name), reason)
+        notes.append(f"checkpoint-{candidate.step} failed verification ({reason}); using the next best")
+        log.warning(notes[-1])
+    raise NoCheckpointError(f"run {run.name!r} has no committed checkpoint that verifies" + (f" at step {step}" if step else ""))

@@ -1,0 +1,204 @@
+"""Build the SFTTrainer for one chunk and the callbacks that make its checkpoints safe.
+
+Every attempt builds a fresh trainer with the same `max_steps = total_steps` (so the LR
+schedule is identical to an uninterrupted run), resumes from an explicit checkpoint path,
+and stops at the chunk boundary with a forced save. HF keeps every checkpoint
+(`save_total_limit=None`); ckptflow commits, verifies and prunes them itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ckptflow.errors import InsufficientDiskError
+from ckptflow.settings import Settings
+
+# Margin kept free on disk when min_free_bytes is not set.
+DEFAULT_MIN_FREE_BYTES = 64 * 2**20
+# HF's checkpoint directory prefix; users and HF tooling expect `checkpoint-<step>`.
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by fault injection (settings.fault) to simulate a crash inside a chunk."""
+
+
+def checkpoint_dir(output_dir: Path | str, step: int) -> Path:
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def metrics_at_step(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """Eval metrics and train loss logged at `step` (HF logs them as separate entries)."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        if entry.get("step") != step:
+            continue
+        for key, value in entry.items():
+            if key.startswith("eval_") and isinstance(value, int | float):
+                out[key] = float(value)
+        if "loss" in entry and isinstance(entry["loss"], int | float):
+            out["loss"] = float(entry["loss"])
+    return out
+
+
+class ChunkStopCallback(TrainerCallback):
+    """Stop at the chunk's last step and force a save there (the next chunk's resume point)."""
+
+    def __init__(self, end_step: int) -> None:
+        self.end_step = end_step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if state.global_step >= self.end_step:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+class FaultInjectionCallback(TrainerCallback):
+    """Fail when training reaches `at_step`, before that step is saved (tests and drills)."""
+
+    def __init__(self, at_step: int, mode: str) -> None:
+        self.at_step = at_step
+        self.mode = mode
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if state.global_step == self.at_step:
+            if self.mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise InjectedFault(f"injected fault at step {self.at_step} (CKPTFLOW_FAULT__AT_STEP)")
+        return control
+
+
+class DiskGuardCallback(TrainerCallback):
+    """Refuse to start a save that would leave less than `min_free_bytes` free."""
+
+    def __init__(self, directory: Path, estimate_bytes: Callable[[], int], min_free_bytes: int) -> None:
+        self.directory = directory
+        self.estimate_bytes = estimate_bytes
+        self.min_free_bytes = min_free_bytes
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if control.should_save:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.directory).free
+            need = self.estimate_bytes() + self.min_free_bytes
+            if free < need:
+                raise InsufficientDiskError(
+                    f"not saving checkpoint-{state.global_step}: {free / 2**20:.1f} MiB free in {self.directory}, "
+                    f"need {need / 2**20:.1f} MiB (checkpoint ~{self.estimate_bytes() / 2**20:.1f} MiB + "
+                    f"min_free_bytes); free space or lower CKPTFLOW_CHECKPOINT__MIN_FREE_BYTES, then run again "
+                    f"to resume from the last committed checkpoint"
+                )
+        return control
+
+
+class CommitCallback(TrainerCallback):
+    """Hand every save to ckptflow: `writing` before HF writes, commit (manifest + ledger) after."""
+
+    def __init__(self, on_begin: Callable[[int], None], on_saved: Callable[[int, float | None, dict], None]) -> None:
+        self.on_begin = on_begin
+        self.on_saved = on_saved
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if control.should_save:
+            self.on_begin(state.global_step)
+        return control
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.on_saved(state.global_step, state.epoch, metrics_at_step(state.log_history, state.global_step))
+        return control
+
+
+class LogCallback(TrainerCallback):
+    """HF's logs (loss, eval_loss, lr) into ckptflow's logger instead of print() on stdout."""
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
+        if logs:
+            shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items() if "runtime" not in k}
+            self.logger.info("step %d: %s", state.global_step, shown)
+        return control
+
+
+class HeartbeatCallback(TrainerCallback):
+    """Call `beat` at most every `interval` seconds (keeps the run's lease alive)."""
+
+    def __init__(self, beat: Callable[[], None], interval: float = 10.0) -> None:
+        self.beat = beat
+        self.interval = interval
+        self._last = 0.0
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        now = time.monotonic()
+        if now - self._last >= self.interval:
+            self._last = now
+            self.beat()
+        return control
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """Everything that shapes the trainer; identical for every chunk and attempt of a run."""
+
+    output_dir: Path
+    total_steps: int
+    settings: Settings
+
+
+def sft_config(spec: TrainerSpec):
+    """SFTConfig for a chunk: HF saves/evaluates on schedule, keeps everything, never picks a checkpoint."""
+    from trl import SFTConfig
+
+    s = spec.settings
+    ck = s.checkpoint
+    return SFTConfig(
+        output_dir=str(spec.output_dir),
+        max_steps=spec.total_steps,
+        num_train_epochs=s.train.epochs,
+        per_device_train_batch_size=s.train.batch_size,
+        per_device_eval_batch_size=s.train.batch_size,
+        gradient_accumulation_steps=s.train.gradient_accumulation_steps,
+        learning_rate=s.train.learning_rate,
+        seed=s.train.seed,
+        logging_steps=s.train.logging_steps,
+        save_strategy=ck.save_strategy,
+        save_steps=ck.save_steps,
+        eval_strategy=ck.eval_strategy,
+        eval_steps=ck.eval_steps if ck.evaluates else None,
+        save_total_limit=None,  # retention is ckptflow's (HF keeps the most *recent*, not the best)
+        load_best_model_at_end=False,
+        max_length=s.model.max_length,
+        report_to=[],
+        disable_tqdm=True,
+        bf16=False,
+        fp16=False,
+        use_cpu=not _cuda_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_bytes(path: Path) -> int:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,359 @@
+"""Ledger: migrations, SQLite setup, round trips of every method, concurrency, leases, scale."""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, insert, text, update
+
+from ckptflow.errors import RunLockedError
+from ckptflow.ledger import (
+    AttemptStatus,
+    CheckpointState,
+    Ledger,
+    RunStatus,
+    head_revision,
+)
+from ckptflow.ledger.models import Base, Checkpoint, Lease, Run
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'nested' / 'dir' / 'ledger.db'}"
+
+
+@pytest.fixture
+def ledger(url):
+    led = Ledger(url)
+    yield led
+    led.close()
+
+
+def _run(ledger, name="run-a", **kw):
+    args = {"fingerprint": "fp", "config": {"train": {"seed": 42}}, "base_model": "builtin:tiny-gpt2", "total_steps": 8}
+    args.update(kw)
+    return ledger.create_run(name, **args)
+
+
+def _aware_utc(ts: datetime) -> bool:
+    return ts.tzinfo is not None and ts.utcoffset() == timedelta(0)
+
+
+# -- schema / engine --------------------------------------------------------------------
+def test_open_creates_parent_dir_and_migrates_to_head(ledger, tmp_path):
+    assert (tmp_path / "nested" / "dir" / "ledger.db").is_file()
+    assert head_revision() == "0001"
+    assert ledger.current_revision() == head_revision()
+
+
+def test_migration_creates_exactly_the_models_schema(ledger, url):
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        insp = inspect(conn)
+        assert set(insp.get_table_names()) == {"alembic_version", "runs", "checkpoints", "attempts", "exports", "leases"}
+        indexes = {i["name"]: i["column_names"] for t in ("checkpoints", "attempts", "exports") for i in insp.get_indexes(t)}
+        assert indexes["ix_checkpoints_run_state"] == ["run_id", "state"]
+        assert indexes["ix_attempts_run_chunk"] == ["run_id", "chunk"]
+        assert indexes["ix_exports_run_id"] == ["run_id"]
+        uniques = [u["column_names"] for u in insp.get_unique_constraints("checkpoints")]
+        assert ["run_id", "step"] in uniques
+    engine.dispose()
+
+
+def test_reopen_is_a_no_op_and_works_from_any_cwd(url, tmp_path, monkeypatch):
+    Ledger(url).close()
+    monkeypatch.chdir(tmp_path / "nested")
+    led = Ledger(url)
+    assert led.current_revision() == head_revision()
+    led.close()
+
+
+def test_sqlite_pragmas_on_every_connection(ledger):
+    with ledger._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+
+
+def test_in_memory_url_works():
+    led = Ledger("sqlite://")
+    run = _run(led)
+    assert led.get_run_by_id(run.id).name == "run-a"
+    led.close()
+
+
+# -- runs ---------------------------------------------------------------------------------
+def test_run_round_trip(ledger):
+    run = _run(ledger, config={"a": {"b": 1}})
+    assert run.status is RunStatus.RUNNING
+    assert run.config == {"a": {"b": 1}} and run.metrics == {}
+    assert _aware_utc(run.created_at) and _aware_utc(run.updated_at)
+    assert ledger.get_run("run-a") == run
+    assert ledger.get_run_by_id(run.id) == run
+    assert ledger.get_run("nope") is None
+    with pytest.raises(KeyError):
+        ledger.get_run_by_id(999)
+
+
+def test_duplicate_run_name_is_value_error(ledger):
+    _run(ledger)
+    with pytest.raises(ValueError, match="run-a"):
+        _run(ledger)
+
+
+def test_list_runs_newest_first(ledger):
+    names = [f"r{i}" for i in range(3)]
+    for n in names:
+        _run(ledger, n)
+    assert [r.name for r in ledger.list_runs()] == names[::-1]
+
+
+def test_status_metrics_and_rename(ledger):
+    run = _run(ledger)
+    _run(ledger, "taken")
+    ledger.set_run_status(run.id, RunStatus.COMPLETED)
+    ledger.update_run_metrics(run.id, {"eval_loss": 2.0, "base": {"eval_loss": 3.0}})
+    merged = ledger.update_run_metrics(run.id, {"eval_loss": 1.5, "perplexity": 4.5})
+    assert merged.metrics == {"eval_loss": 1.5, "base": {"eval_loss": 3.0}, "perplexity": 4.5}
+    assert merged.status is RunStatus.COMPLETED
+    assert merged.updated_at >= run.updated_at
+    ledger.rename_run(run.id, "run-a@2026-11-25T10:00:00")
+    assert ledger.get_run("run-a") is None
+    assert ledger.get_run("run-a@2026-11-25T10:00:00").id == run.id
+    with pytest.raises(ValueError, match="taken"):
+        ledger.rename_run(run.id, "taken")
+
+
+# -- checkpoints --------------------------------------------------------------------------
+def test_checkpoint_lifecycle_round_trip(ledger):
+    run = _run(ledger)
+    begun = ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")
+    assert begun.state is CheckpointState.WRITING and begun.bytes == 0 and begun.manifest_sha256 is None
+    assert _aware_utc(begun.created_at)
+    done = ledger.commit_checkpoint(run.id, 2, epoch=0.5, metrics={"eval_loss": 1.25}, bytes=123, manifest_sha256="ab" * 32)
+    assert (done.id, done.state, done.epoch, done.metrics, done.bytes) == (
+        begun.id, CheckpointState.COMMITTED, 0.5, {"eval_loss": 1.25}, 123
+    )
+    assert ledger.get_checkpoint(run.id, 2) == done
+    assert ledger.get_checkpoint(run.id, 3) is None
+
+
+def test_begin_resets_an_existing_row(ledger):
+    run = _run(ledger)
+    ledger.begin_checkpoint(run.id, 6, "/x/checkpoint-6")
+    ledger.mark_checkpoint(run.id, 6, CheckpointState.PARTIAL, "crash")
+    again = ledger.begin_checkpoint(run.id, 6, "/y/checkpoint-6")
+    assert (again.state, again.path, again.reason) == (CheckpointState.WRITING, "/y/checkpoint-6", None)
+    assert len(ledger.checkpoints(run.id)) == 1
+
+
+def test_commit_without_begin_creates_the_row(ledger):
+    run = _run(ledger)
+    ck = ledger.commit_checkpoint(
+        run.id, 4, epoch=None, metrics={}, bytes=1, manifest_sha256="cd" * 32, path="/x/checkpoint-4"
+    )
+    assert ck.state is CheckpointState.COMMITTED and ck.path == "/x/checkpoint-4"
+    with pytest.raises(ValueError, match="path"):
+        ledger.commit_checkpoint(run.id, 5, epoch=None, metrics={}, bytes=1, manifest_sha256="x")
+
+
+def test_checkpoints_sorted_numerically_and_filtered_by_state(ledger):
+    run = _run(ledger)
+    other = _run(ledger, "other")
+    for step in (10, 2, 100, 4):
+        ledger.commit_checkpoint(run.id, step, epoch=None, metrics={}, bytes=1, manifest_sha256="s", path=f"/c/checkpoint-{step}")
+    ledger.begin_checkpoint(other.id, 2, "/o/checkpoint-2")
+    ledger.mark_checkpoint(run.id, 4, CheckpointState.PRUNED, "retention: not among the 2 best")
+    ledger.mark_checkpoint(run.id, 10, "corrupt", "sha differs")
+    assert [c.step for c in ledger.checkpoints(run.id)] == [2, 4, 10, 100]
+    assert [c.step for c in ledger.checkpoints(run.id, [CheckpointState.COMMITTED])] == [2, 100]
+    assert [c.step for c in ledger.checkpoints(run.id, ["pruned", "corrupt"])] == [4, 10]
+    pruned = ledger.get_checkpoint(run.id, 4)
+    assert pruned.reason == "retention: not among the 2 best" and _aware_utc(pruned.pruned_at)
+    assert ledger.get_checkpoint(run.id, 10).pruned_at is None
+    with pytest.raises(KeyError):
+        ledger.mark_checkpoint(run.id, 7, CheckpointState.CORRUPT)
+    with pytest.raises(ValueError):
+        ledger.mark_checkpoint(run.id, 2, "bogus")
+
+
+def test_best_metrics_in_two_queries(ledger):
+    a, b, c = _run(ledger, "a"), _run(ledger, "b"), _run(ledger, "c")
+    for step, loss in ((2, 3.0), (4, 1.0), (6, 2.0)):
+        ledger.commit_checkpoint(a.id, step, epoch=None, metrics={"eval_loss": loss}, bytes=1, manifest_sha256="s", path=f"/a/checkpoint-{step}")
+    ledger.mark_checkpoint(a.id, 4, CheckpointState.PRUNED)
+    ledger.commit_checkpoint(b.id, 2, epoch=None, metrics={}, bytes=1, manifest_sha256="s", path="/b/checkpoint-2")
+    best = ledger.best_metrics()
+    assert best[a.id] == {"committed": 2, "latest_step": 6, "best_step": 6, "best_value": 2.0, "metric": "eval_loss"}
+    assert best[b.id] == {"committed": 1, "latest_step": 2, "best_step": None, "best_value": None, "metric": "eval_loss"}
+    assert best[c.id]["committed"] == 0 and best[c.id]["latest_step"] is None
+    assert ledger.best_metrics("eval_loss", greater_is_better=True)[a.id]["best_step"] == 2
+
+
+# -- attempts -----------------------------------------------------------------------------
+def test_attempts_round_trip(ledger):
+    run = _run(ledger)
+    ck = ledger.commit_checkpoint(run.id, 4, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/c/checkpoint-4")
+    a1 = ledger.start_attempt(run.id, chunk=1, start_step=4, end_step=8, resumed_from_step=4, prefect_flow_run_id="f-1", prefect_task_run_id="t-1")
+    assert (a1.attempt, a1.resumed_from, a1.resumed_from_step, a1.status) == (1, ck.id, 4, AttemptStatus.RUNNING)
+    assert (a1.prefect_flow_run_id, a1.prefect_task_run_id) == ("f-1", "t-1") and _aware_utc(a1.started_at)
+    ledger.add_attempt_note(a1.id, "checkpoint-6 corrupt, resumed from checkpoint-4")
+    ledger.add_attempt_note(a1.id, "second note")
+    ledger.finish_attempt(a1.id, AttemptStatus.FAILED, "RuntimeError: boom")
+    a2 = ledger.start_attempt(run.id, chunk=1, start_step=4, end_step=8, resumed_from_step=None)
+    a0 = ledger.start_attempt(run.id, chunk=0, start_step=0, end_step=4, resumed_from_step=None)
+    ledger.finish_attempt(a2.id, "completed")
+    got = ledger.attempts(run.id)
+    assert [(a.chunk, a.attempt) for a in got] == [(1, 1), (1, 2), (0, 1)]
+    assert got[0].notes == "checkpoint-6 corrupt, resumed from checkpoint-4\nsecond note"
+    assert (got[0].status, got[0].error) == (AttemptStatus.FAILED, "RuntimeError: boom")
+    assert got[1].status is AttemptStatus.COMPLETED and _aware_utc(got[1].finished_at)
+    assert got[1].resumed_from is None and a0.attempt == 1
+    with pytest.raises(KeyError):
+        ledger.finish_attempt(999, "failed")
+
+
+# -- exports ------------------------------------------------------------------------------
+def test_exports_round_trip(ledger):
+    run, other = _run(ledger), _run(ledger, "other")
+    ck = ledger.commit_checkpoint(run.id, 4, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/c/checkpoint-4")
+    ok = ledger.commit_checkpoint(other.id, 2, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/o/checkpoint-2")
+    e = ledger.record_export(run.id, checkpoint_id=ck.id, path="/e/run-a", merged=True, metrics={"eval_loss": 1.0})
+    assert (e.step, e.merged, e.promoted, e.metrics) == (4, True, False, {"eval_loss": 1.0})
+    ledger.record_export(other.id, checkpoint_id=ok.id, path="/e/other", merged=False, metrics={})
+    ledger.set_promoted(e.id, True)
+    assert [x.promoted for x in ledger.exports(run.id)] == [True]
+    assert [x.run_id for x in ledger.exports()] == [run.id, other.id]
+    with pytest.raises(KeyError):
+        ledger.record_export(run.id, checkpoint_id=ok.id, path="/e", merged=True, metrics={})
+    with pytest.raises(KeyError):
+        ledger.set_promoted(999, True)
+
+
+# -- leases -------------------------------------------------------------------------------
+def test_live_holder_is_refused(ledger):
+    run = _run(ledger)
+    ledger.acquire_lease(run.id, "flow-1")
+    ledger.acquire_lease(run.id, "flow-1")  # re-acquire own lease: fine
+    ledger.heartbeat(run.id, "flow-1")
+    with pytest.raises(RunLockedError, match=r"flow-1.*pid \d+"):
+        ledger.acquire_lease(run.id, "flow-2")
+    ledger.release_lease(run.id, "flow-2")  # not the holder: no-op
+    assert ledger.lease_holder(run.id) == "flow-1"
+    ledger.release_lease(run.id, "flow-1")
+    ledger.acquire_lease(run.id, "flow-2")
+    assert ledger.lease_holder(run.id) == "flow-2"
+    with pytest.raises(RunLockedError):
+        ledger.heartbeat(run.id, "flow-1")
+
+
+def test_dead_pid_holder_is_taken_over(ledger, url):
+    run = _run(ledger)
+    code = f"from ckptflow.ledger import Ledger; Ledger({url!r}).acquire_lease({run.id}, 'child')"
+    subprocess.run([sys.executable, "-c", code], check=True)  # acquires, exits, is reaped
+    assert ledger.lease_holder(run.id) == "child"
+    ledger.acquire_lease(run.id, "parent")
+    assert ledger.lease_holder(run.id) == "parent"
+
+
+def test_stale_heartbeat_is_taken_over(ledger):
+    run = _run(ledger)
+    ledger.acquire_lease(run.id, "other-host-flow")
+    with ledger._write.begin() as s:  # pretend it lives on another host and went silent
+        s.execute(update(Lease).values(host="elsewhere", heartbeat_at=datetime.now(UTC) - timedelta(seconds=120)))
+    with pytest.raises(RunLockedError):
+        ledger.acquire_lease(run.id, "me", ttl_seconds=300)
+    ledger.acquire_lease(run.id, "me", ttl_seconds=60)
+    assert ledger.lease_holder(run.id) == "me"
+
+
+# -- concurrency ----------------------------------------------------------------------------
+WRITES_PER_PROCESS = 300
+
+
+def _writer(url: str, tag: str, start, errors) -> None:
+    try:
+        start.wait()
+        led = Ledger(url)  # both processes open (and migrate) a fresh ledger at the same time
+        run = led.create_run(f"run-{tag}", fingerprint=tag, config={}, base_model="m", total_steps=WRITES_PER_PROCESS)
+        for step in range(1, WRITES_PER_PROCESS // 3 + 1):
+            led.begin_checkpoint(run.id, step, f"/{tag}/checkpoint-{step}")
+            led.commit_checkpoint(run.id, step, epoch=None, metrics={"eval_loss": 1.0 / step}, bytes=step, manifest_sha256="s")
+            led.update_run_metrics(run.id, {"last": step})
+            led.checkpoints(run.id, ["committed"])
+        led.close()
+    except Exception as exc:  # reported to the parent
+        errors.put(f"{tag}: {type(exc).__name__}: {exc}")
+        raise
+
+
+def test_two_processes_write_concurrently_without_lock_errors(url):
+    ctx = multiprocessing.get_context("spawn")
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_writer, args=(url, tag, start, errors)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    start.set()
+    for p in procs:
+        p.join(timeout=240)
+    failures = [errors.get() for _ in range(errors.qsize())] if not errors.empty() else []
+    assert failures == [] and [p.exitcode for p in procs] == [0, 0]
+    led = Ledger(url)
+    n = WRITES_PER_PROCESS // 3
+    for tag in ("a", "b"):
+        run = led.get_run(f"run-{tag}")
+        assert len(led.checkpoints(run.id, ["committed"])) == n and run.metrics == {"last": n}
+    led.close()
+
+
+# -- scale --------------------------------------------------------------------------------
+def test_fast_at_100k_checkpoints_over_1000_runs(ledger):
+    now = datetime.now(UTC)
+    runs = [
+        {"name": f"r{i}", "status": "running", "fingerprint": "f", "config": {}, "base_model": "m",
+         "total_steps": 100, "metrics": {}, "created_at": now, "updated_at": now}
+        for i in range(1000)
+    ]
+    with ledger._write.begin() as s:
+        s.execute(insert(Run), runs)
+        ids = [r.id for r in ledger_runs(s)]
+        rows = [
+            {"run_id": rid, "step": step, "epoch": None, "path": f"/r{rid}/checkpoint-{step}",
+             "state": "committed" if step % 10 == 0 else "pruned", "metrics": {"eval_loss": 1.0 / step},
+             "bytes": 1, "manifest_sha256": "s", "created_at": now, "pruned_at": None, "reason": None}
+            for rid in ids for step in range(1, 101)
+        ]
+        s.execute(insert(Checkpoint), rows)
+    target = ids[500]
+    t0 = time.perf_counter()
+    for _ in range(20):
+        assert len(ledger.checkpoints(target, ["committed"])) == 10
+        assert ledger.get_checkpoint(target, 50) is not None
+    per_call = (time.perf_counter() - t0) / 40
+    t0 = time.perf_counter()
+    best = ledger.best_metrics()
+    best_time = time.perf_counter() - t0
+    assert len(best) == 1000 and best[target]["best_step"] == 100
+    assert per_call < 0.05, f"checkpoint lookup took {per_call:.3f}s"
+    assert best_time < 5.0, f"best_metrics took {best_time:.2f}s"
+    with ledger._engine.connect() as conn:
+        plan = " ".join(
+            str(r[-1])
+            for r in conn.execute(text("EXPLAIN QUERY PLAN SELECT * FROM checkpoints WHERE run_id = 5 AND state = 'committed' ORDER BY step"))
+        )
+    assert "USING INDEX" in plan and "SCAN checkpoints" not in plan.replace("USING INDEX", "")
+
+
+def ledger_runs(session):
+    from sqlalchemy import select
+
+    return session.scalars(select(Run).order_by(Run.id)).all()
