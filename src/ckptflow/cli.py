@@ -92,6 +92,10 @@ def run(
     from ckptflow import pipeline
 
     pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
+    from ckptflow.planner import plan_for_settings
+
+    for warning in plan_for_settings(settings).warnings:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from flows.finetune import finetune
 
     try:
@@ -123,8 +127,34 @@ def plan(
     if as_json:
         _emit_json(document)
         return
-    for key, value in document.items():
-        out.print(f"[bold]{key}[/]: {value}", highlight=False)
+    _print_plan(document)
+
+
+def _steps(steps: list[int], limit: int = 12) -> str:
+    if len(steps) <= limit:
+        return ", ".join(map(str, steps)) or "none"
+    return f"{', '.join(map(str, steps[:limit // 2]))}, … , {', '.join(map(str, steps[-3:]))} ({len(steps)} in all)"
+
+
+def _print_plan(p: dict[str, Any]) -> None:
+    mib = 2**20
+    chunks = ", ".join(f"{c['start_step']}-{c['end_step']}" for c in p["chunks"])
+    out.print(f"total steps      {p['total_steps']} ({p['steps_per_epoch']} per epoch)", highlight=False)
+    out.print(f"chunks           {len(p['chunks'])}: {chunks}", highlight=False)
+    out.print(f"save points      {_steps(p['save_points'])}", highlight=False)
+    out.print(f"eval points      {_steps(p['eval_points'])}", highlight=False)
+    kept = p["kept_at_end"]
+    out.print(f"kept at the end  {_steps(kept) if isinstance(kept, list) else kept}", highlight=False)
+    out.print(f"per checkpoint   ~{p['bytes_per_checkpoint'] / mib:.2f} MiB; at most {p['checkpoints_on_disk_max']} on disk", highlight=False)
+    verdict = "fits" if p["fits"] else "[red]does NOT fit[/]"
+    out.print(f"disk             needs ~{p['disk_needed_bytes'] / mib:.1f} MiB, {p['free_bytes'] / mib:.0f} MiB free: {verdict}", highlight=False)
+    if p["at"]:
+        at = p["at"]
+        out.print(f"died at {at['died_at']}    exist: {_steps(at['exist'])} ({at['exist_rule']})", highlight=False)
+        resume = f"checkpoint-{at['resume_from']}" if at["resume_from"] is not None else "scratch (nothing saved yet)"
+        out.print(f"resume from      {resume}", highlight=False)
+    for warning in p["warnings"]:
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
 
 
 @app.command()

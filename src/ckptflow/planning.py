@@ -75,7 +75,7 @@ class Plan:
     chunks: list[Chunk]
     save_points: list[int]
     eval_points: list[int]
-    kept_at_end: list[int] | str  # steps under retention=recent; the rule in words under best
+    kept_at_end: list[int] | str  # steps when knowable without metrics; else the rule in words (best)
     rule: str
     bytes_per_checkpoint: int
     checkpoints_on_disk_max: int
@@ -153,7 +153,9 @@ def make_plan(
     evals = eval_points(total_steps, ck, steps_per_epoch)
     # 2. what retention keeps at the end
     rule = _kept_rule(ck, saves)
-    kept: list[int] | str = rule if ck.retention == "best" else _kept_without_metrics(ck, saves, bytes_per_checkpoint)
+    # Under best, metric values decide unless every save fits within the limit anyway.
+    known = ck.retention == "recent" or ck.save_total_limit is None or len(saves) <= ck.save_total_limit
+    kept: list[int] | str = _kept_without_metrics(ck, saves, bytes_per_checkpoint) if known else rule
     # 3. disk: peak checkpoints on disk, margin, fit
     on_disk = _on_disk_max(ck, saves)
     needed = _disk_needed(ck, on_disk, len(saves), bytes_per_checkpoint)

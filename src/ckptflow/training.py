@@ -82,22 +82,31 @@ class FaultInjectionCallback(TrainerCallback):
 class DiskGuardCallback(TrainerCallback):
     """Refuse to start a save that would leave less than `min_free_bytes` free."""
 
-    def __init__(self, directory: Path, estimate_bytes: Callable[[], int], min_free_bytes: int) -> None:
+    def __init__(self, directory: Path, last_checkpoint_bytes: Callable[[], int], min_free_bytes: int) -> None:
         self.directory = directory
-        self.estimate_bytes = estimate_bytes
+        self.last_checkpoint_bytes = last_checkpoint_bytes
         self.min_free_bytes = min_free_bytes
+
+    def _estimate(self, model: Any) -> int:
+        """Size of the last committed checkpoint; before the first one, from the trainable parameters."""
+        from ckptflow.planning import estimate_checkpoint_bytes
+
+        last = self.last_checkpoint_bytes()
+        if last or model is None:
+            return last
+        return estimate_checkpoint_bytes(sum(p.numel() for p in model.parameters() if p.requires_grad))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if control.should_save:
             self.directory.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.directory).free
-            need = self.estimate_bytes() + self.min_free_bytes
-            if free < need:
+            estimate = self._estimate(kw.get("model"))
+            if free < estimate + self.min_free_bytes:
                 raise InsufficientDiskError(
                     f"not saving checkpoint-{state.global_step}: {free / 2**20:.1f} MiB free in {self.directory}, "
-                    f"need {need / 2**20:.1f} MiB (checkpoint ~{self.estimate_bytes() / 2**20:.1f} MiB + "
-                    f"min_free_bytes); free space or lower CKPTFLOW_CHECKPOINT__MIN_FREE_BYTES, then run again "
-                    f"to resume from the last committed checkpoint"
+                    f"need {(estimate + self.min_free_bytes) / 2**20:.1f} MiB (checkpoint ~{estimate / 2**20:.2f} MiB "
+                    f"+ min_free_bytes {self.min_free_bytes / 2**20:.1f} MiB); free space or lower "
+                    f"CKPTFLOW_CHECKPOINT__MIN_FREE_BYTES, then run again to resume from the last committed checkpoint"
                 )
         return control
 

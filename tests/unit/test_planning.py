@@ -121,7 +121,7 @@ def test_default_demo():
     p = plan(total=4, per_epoch=2)
     assert p.chunks == [Chunk(0, 0, 2), Chunk(1, 2, 4)]
     assert (p.save_points, p.eval_points, p.checkpoints_on_disk_max) == ([2, 4], [2, 4], 2)
-    assert p.kept_at_end == p.rule == "all 2 saves"
+    assert (p.kept_at_end, p.rule) == ([2, 4], "all 2 saves")
     assert (p.disk_needed_bytes, p.fits, p.warnings, p.at) == (2 * MB, True, [], None)
 
 
