@@ -93,3 +93,21 @@ def test_retention_over_ten_saves_keeps_what_the_policy_says(home, retention, ex
     assert kept == expected, expected_rule
     assert all(c.reason for c in rows if c.state == CheckpointState.PRUNED)
     assert set(checkpoint_dirs_on_disk(settings, name)) == kept
+
+
+def test_a_local_model_directory_trains_like_the_builtin(home, tmp_path):
+    import shutil
+
+    from ckptflow.builtin import materialize_tiny_gpt2
+
+    local = tmp_path / "models" / "my-gpt2"
+    shutil.copytree(materialize_tiny_gpt2(home), local)
+    builtin = settings_for(home)
+    by_path = settings_for(home, model={"name_or_path": str(local)})
+    a = train_without_prefect(builtin, "builtin")
+    b = train_without_prefect(by_path, "by-path")
+    diff = max_abs_diff(
+        adapter_weights(builtin.checkpoints_dir(a) / "checkpoint-4"),
+        adapter_weights(by_path.checkpoints_dir(b) / "checkpoint-4"),
+    )
+    assert diff == 0.0
