@@ -10,11 +10,12 @@ from ckptflow import pipeline
 from ckptflow.chunks import lease_holder_id
 from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.ledger import RunStatus
+from ckptflow.params import FinetuneOverrides, settings_overrides
 from ckptflow.planning import chunk_plan
 from ckptflow.quiet import quiet_libraries
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
-from tasks.reporting import publish_run_artifacts
+from tasks.reporting import RunProgress, publish_run_artifacts
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -28,12 +29,12 @@ def _retry_unless_bad_input(task, task_run, state) -> bool:
     return True
 
 
-def resolve_settings(config_file: str | None, overrides: dict[str, Any] | None) -> Settings:
-    settings = load_settings(config_file, **(overrides or {}))
+def resolve_settings(config_file: str | None, overrides: FinetuneOverrides | dict[str, Any] | None) -> Settings:
+    settings = load_settings(config_file, **settings_overrides(overrides))
     return settings.model_copy(update={"home": settings.home.resolve()})
 
 
-def train_all_chunks(settings: Settings, run_name: str, total_steps: int) -> list:
+def train_all_chunks(settings: Settings, run_name: str, total_steps: int, progress: RunProgress) -> list:
     results = []
     for chunk in chunk_plan(total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
         task = train_chunk.with_options(
@@ -43,7 +44,17 @@ def train_all_chunks(settings: Settings, run_name: str, total_steps: int) -> lis
             task_run_name=f"train_chunk[{chunk.index}] steps {chunk.start_step}-{chunk.end_step}",
         )
         results.append(task(settings, run_name, chunk))
+        progress.reached(chunk.end_step)
     return results
+
+
+def _steps_done(settings: Settings, run_name: str) -> int:
+    from ckptflow.ledger import CheckpointState, Ledger
+
+    with Ledger(settings.ledger) as ledger:
+        run = ledger.get_run(run_name)
+        steps = [c.step for c in ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])] if run else []
+    return max(steps, default=0)
 
 
 @flow(name="finetune")
@@ -51,13 +62,22 @@ def finetune(
     run_name: str | None = None,
     new: bool = False,
     config_file: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: FinetuneOverrides | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune with LoRA; resumes run `run_name` if it exists. Returns the run summary."""
+    """Fine-tune with LoRA, in chunks that resume from the ledger's newest verified checkpoint.
+
+    Returns the run summary: run name, chunk results, evaluation and export.
+
+    Args:
+        run_name: Run to create or resume; empty = named after the settings and data, so the same inputs resume.
+        new: Start a fresh run (`<name>-2`, ...) even if a run of this name exists.
+        config_file: TOML settings file, relative to the working directory (the repository in deployments).
+        overrides: Settings to change for this run; empty fields keep the config file / environment / defaults.
+    """
     quiet_libraries()
     logger = get_run_logger()
     settings = resolve_settings(config_file, overrides)
-    prepared = prepare_data(settings)
+    prepared = prepare_data(settings)(settings)
     opened = open_run(settings, prepared, run_name, new)
     name = opened.run.name
     if opened.completed:
@@ -66,7 +86,8 @@ def finetune(
     result: dict[str, Any] = {"run": name}
     with pipeline.run_lease(settings, name, lease_holder_id()):
         try:
-            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps)
+            progress = RunProgress(name, opened.run.total_steps, _steps_done(settings, name))
+            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, progress)
             result["evaluation"] = evaluate(settings, name)
             result["export"] = export_best(settings, name)
             pipeline.set_status(settings, name, RunStatus.COMPLETED)

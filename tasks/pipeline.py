@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
+from prefect.context import TaskRunContext, get_run_context
 
 from ckptflow import pipeline
 from ckptflow.chunks import ChunkJob, ChunkResult, lease_holder_id, run_chunk
@@ -15,10 +16,29 @@ from ckptflow.planning import Chunk
 from ckptflow.runs import OpenedRun
 from ckptflow.settings import Settings
 
+# Under $CKPTFLOW_HOME: Prefect's persisted task results (the prepare_data cache).
+PREFECT_RESULTS_DIR = "prefect-results"
 
-@task(name="prepare_data", cache_policy=NO_CACHE)
-def prepare_data(settings: Settings) -> pipeline.PreparedInfo:
+
+def _prepare_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The digest of prepare_data's inputs (data bytes, tokenizer, formatting); computing it tokenizes nothing.
+
+    None (no caching) when the inputs cannot be read: the task then runs and raises the real error.
+    """
+    try:
+        return "prepare-data-" + pipeline.prepare_key(parameters["settings"])
+    except Exception:  # noqa: BLE001 - the task body reports it properly
+        return None
+
+
+@task(name="prepare_data", cache_key_fn=_prepare_cache_key, persist_result=True, result_serializer="pickle")
+def _prepare_data(settings: Settings) -> pipeline.PreparedInfo:
     return pipeline.prepare(settings)
+
+
+def prepare_data(settings: Settings) -> Task[..., pipeline.PreparedInfo]:
+    """The prepare_data task with its cache under this run's $CKPTFLOW_HOME (a rerun with the same data is `Cached`)."""
+    return _prepare_data.with_options(result_storage=Path(settings.home) / PREFECT_RESULTS_DIR)
 
 
 @task(name="open_run", cache_policy=NO_CACHE)

@@ -1,19 +1,37 @@
-"""Publish a run's artifacts to the Prefect UI: checkpoint table, summary, loss curve."""
+"""Publish what a run looks like to the Prefect UI: checkpoint table, summary with loss curve,
+progress as chunks finish, and the explanation of a retrain decision.
+
+Every artifact gets an explicit key (stable per run): the UI then shows the history of
+each one, and `prefect artifact ls` works (it fails on key-less artifacts).
+"""
 
 from __future__ import annotations
 
+from uuid import UUID
+
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from ckptflow import reports
 from ckptflow.ledger import Ledger
+from ckptflow.promotion import DecisionRecord
 from ckptflow.settings import Settings
+
+# Artifact kinds (the suffix of each key).
+CHECKPOINTS, SUMMARY, PROGRESS, DECISION = "checkpoints", "summary", "progress", "decision"
+# Key of the retrain decision artifact: one history of decisions, whatever the challenger's name.
+RETRAIN_DECISION_KEY = reports.artifact_key("retrain", DECISION)
 
 
 @task(name="publish_artifacts", cache_policy=NO_CACHE)
 def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
-    """Keys are stable per run, so the UI shows the latest version of each artifact."""
+    """Checkpoint table and summary (loss curve inlined); returns the artifact keys."""
     ledger = Ledger(settings.ledger)
     try:
         rows = reports.checkpoint_rows(ledger, run_name)
@@ -24,9 +42,38 @@ def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
     finally:
         ledger.close()
     keys = {
-        "checkpoints": reports.artifact_key(run_name, "checkpoints"),
-        "summary": reports.artifact_key(run_name, "summary"),
+        CHECKPOINTS: reports.artifact_key(run_name, CHECKPOINTS),
+        SUMMARY: reports.artifact_key(run_name, SUMMARY),
     }
-    create_table_artifact(rows, key=keys["checkpoints"], description=f"Checkpoints of run {run_name}")
-    create_markdown_artifact(summary, key=keys["summary"], description=f"Summary of run {run_name}")
+    create_table_artifact(
+        rows, key=keys[CHECKPOINTS], description=f"Checkpoints of run {run_name}: kept or pruned, and why"
+    )
+    create_markdown_artifact(summary, key=keys[SUMMARY], description=f"Summary of run {run_name}")
     return keys
+
+
+class RunProgress:
+    """A progress artifact for one run, moved forward as chunks finish (percent of optimizer steps)."""
+
+    def __init__(self, run_name: str, total_steps: int, done_steps: int = 0) -> None:
+        self.key = reports.artifact_key(run_name, PROGRESS)
+        self.total_steps = max(1, total_steps)
+        self.artifact_id: UUID = create_progress_artifact(
+            self._percent(done_steps), key=self.key, description=f"Training progress of run {run_name}"
+        )
+
+    def _percent(self, step: int) -> float:
+        return round(100.0 * min(step, self.total_steps) / self.total_steps, 1)
+
+    def reached(self, step: int) -> None:
+        update_progress_artifact(self.artifact_id, self._percent(step))
+
+
+def publish_decision(record: DecisionRecord) -> str:
+    """The retrain decision as markdown; returns its key."""
+    create_markdown_artifact(
+        reports.decision_markdown(record.to_json()),
+        key=RETRAIN_DECISION_KEY,
+        description=f"Retrain decision: {record.action}",
+    )
+    return RETRAIN_DECISION_KEY

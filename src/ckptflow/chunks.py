@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from ckptflow import faults
 from ckptflow.errors import InsufficientDiskError
-from ckptflow.integrity import quarantine, write_manifest
+from ckptflow.integrity import dir_bytes, quarantine, write_manifest
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunRecord
+from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
@@ -31,8 +34,10 @@ from ckptflow.training import (
     FaultInjectionCallback,
     HeartbeatCallback,
     LogCallback,
+    PauseCallback,
     TrainerSpec,
     checkpoint_dir,
+    free_bytes,
     sft_config,
 )
 
@@ -99,37 +104,63 @@ Launch = Callable[[ChunkJob, AttemptPlan], None]
 
 
 def begin_attempt(job: ChunkJob) -> AttemptPlan | None:
-    """Reconcile the run's files with the ledger, pick the resume point, open an attempt row.
+    """Check the lease, reconcile the run's files with the ledger, pick the resume point, open an attempt row.
 
-    Returns None when the chunk's end step is already committed (nothing to do).
+    Returns None when the chunk's end step is already committed (nothing to do; if reconcile
+    or verification repaired something, a completed attempt row records it). Raises
+    RunLockedError when the job names a lease holder that no longer holds the run's lease.
     """
     settings = settings_from_json(job.settings)
+    faults.configure(settings.fault)
     ledger = Ledger(job.ledger_url)
     try:
         run = _run(ledger, job)
+        if job.lease_holder:  # only the run's single writer may reconcile (it abandons `running` attempts)
+            ledger.heartbeat(run.id, job.lease_holder)
         ckpt_dir, quarantine_dir = settings.checkpoints_dir(run.name), settings.quarantine_dir(run.name)
         notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir)
         resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir)
-        notes += resume.notes if resume else []
-        if resume is not None and resume.step >= job.end_step:
-            return None
-        attempt = ledger.start_attempt(
-            run.id,
-            chunk=job.chunk,
-            start_step=resume.step if resume else 0,
-            end_step=job.end_step,
-            resumed_from_step=resume.step if resume else None,
-            prefect_flow_run_id=job.prefect_flow_run_id,
-            prefect_task_run_id=job.prefect_task_run_id,
-        )
-        for note in notes:
+        notes += resume.notes if resume else []  # (reconcile and resume_point log their own notes)
+        for note in _unusable_newer(ledger, run.id, resume.step if resume else 0, notes):
             log.warning(note)
-            ledger.add_attempt_note(attempt.id, note)
+            notes.append(note)
+        done = resume is not None and resume.step >= job.end_step
+        attempt = None
+        if not done or notes:  # a chunk with nothing to train still records the repairs it made
+            attempt = ledger.start_attempt(
+                run.id,
+                chunk=job.chunk,
+                start_step=resume.step if resume else 0,
+                end_step=job.end_step,
+                resumed_from_step=resume.step if resume else None,
+                prefect_flow_run_id=job.prefect_flow_run_id,
+                prefect_task_run_id=job.prefect_task_run_id,
+            )
+            for note in notes:
+                ledger.add_attempt_note(attempt.id, note)
+        if done:
+            # Already trained (perhaps by a process killed before it pruned): leave what the policy keeps.
+            if attempt is not None:
+                ledger.add_attempt_note(attempt.id, f"nothing to train: checkpoint-{resume.step} is committed and verifies")
+                ledger.finish_attempt(attempt.id, AttemptStatus.COMPLETED)
+            apply_retention(ledger, run.id, settings.checkpoint)
+            return None
         return AttemptPlan(
             attempt.id, attempt.attempt, resume.step if resume else None, str(resume.path) if resume else None, notes
         )
     finally:
         ledger.close()
+
+
+def _unusable_newer(ledger: Ledger, run_id: int, resume_step: int, notes: list[str]) -> list[str]:
+    """Why the attempt does not resume from newer checkpoints (found corrupt or partial earlier), if not said yet."""
+    out = []
+    for row in ledger.checkpoints(run_id, states=[CheckpointState.CORRUPT, CheckpointState.PARTIAL]):
+        name = f"checkpoint-{row.step}"
+        if row.step > resume_step and not any(re.search(rf"\b{name}\b", note) for note in notes):
+            start = f"checkpoint-{resume_step}" if resume_step else "the start"
+            out.append(f"{name} is {row.state} ({row.reason}); resuming from {start} instead")
+    return out
 
 
 def end_attempt(job: ChunkJob, plan: AttemptPlan, exc: BaseException | None) -> BaseException | None:
@@ -142,8 +173,9 @@ def end_attempt(job: ChunkJob, plan: AttemptPlan, exc: BaseException | None) -> 
             # The checkpoint this attempt resumed from is no longer in use: let the policy see it.
             apply_retention(ledger, _run(ledger, job).id, settings.checkpoint)
             return None
-        ledger.finish_attempt(plan.attempt_id, AttemptStatus.FAILED, error=_describe_failure(exc))
-        return _explain_disk_full(exc, settings, _run(ledger, job), ledger)
+        explained = _explain_disk_full(exc, settings, _run(ledger, job), ledger)
+        ledger.finish_attempt(plan.attempt_id, AttemptStatus.FAILED, error=_describe_failure(explained))
+        return explained
     finally:
         ledger.close()
 
@@ -178,27 +210,63 @@ def _describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
+# Texts by which a disk-full failure shows in an exception chain or a child's output.
+_DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "InsufficientDiskError")
+# Free space below which a failure during a save counts as disk full even when the exception does
+# not say so (torch.save reports a full disk as "unexpected pos ..." or "file write failed").
+_NEARLY_FULL_BYTES = 1 * 2**20
+
+
+def _says_disk_full(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(e) for text in _DISK_FULL_TEXTS):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _explain_disk_full(exc: BaseException, settings: Settings, run: RunRecord, ledger: Ledger) -> BaseException:
-    """ENOSPC during a save: quarantine the half-written checkpoint and say how much space is needed."""
-    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+    """A save that failed on a full disk: quarantine the half-written checkpoint, say how much space is needed.
+
+    Returns `exc` unchanged when the failure was not a full disk (or was already explained).
+    """
+    if isinstance(exc, InsufficientDiskError):
         return exc
     writing = ledger.checkpoints(run.id, states=[CheckpointState.WRITING])
+    ckpt_root = settings.checkpoints_dir(run.name)
+    free = free_bytes(ckpt_root)
+    partial = max((dir_bytes(Path(r.path)) for r in writing if Path(r.path).exists()), default=0)
+    committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
+    checkpoint_bytes = max([c.bytes for c in committed] + [partial])
+    if not (_says_disk_full(exc) or (writing and free < max(checkpoint_bytes, _NEARLY_FULL_BYTES))):
+        return exc
+    reason = "disk full (ENOSPC) while saving"
     for row in writing:
         path = Path(row.path)
         if path.exists():
-            quarantine(path, settings.quarantine_dir(run.name), "disk full (ENOSPC) while saving")
-        ledger.mark_checkpoint(run.id, row.step, CheckpointState.PARTIAL, "disk full (ENOSPC) while saving")
-    committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
-    need = max((c.bytes for c in committed), default=0) + _min_free(settings)
+            quarantine(path, settings.quarantine_dir(run.name), reason)
+        ledger.mark_checkpoint(run.id, row.step, CheckpointState.PARTIAL, reason)
+    need = checkpoint_bytes + _min_free(settings)
+    steps = ", ".join(f"checkpoint-{r.step}" for r in writing) or "a checkpoint"
+    last = f"checkpoint-{committed[-1].step}" if committed else "the start (nothing committed yet)"
     return InsufficientDiskError(
-        f"disk full while saving a checkpoint of run {run.name!r}: free at least {need / 2**20:.1f} MiB in "
-        f"{settings.checkpoints_dir(run.name)} and run again; it resumes from the last committed checkpoint"
+        f"disk full while saving {steps} of run {run.name!r}: {format_bytes(free)} free in {ckpt_root}; a checkpoint "
+        f"needs ~{format_bytes(checkpoint_bytes)} plus min_free_bytes {format_bytes(_min_free(settings))}: free at "
+        f"least {format_bytes(max(need - free, 0))} more (so that {format_bytes(need)} are free; the partial save was "
+        f"moved to {settings.quarantine_dir(run.name)}, which you may delete) and run again; it resumes from {last} "
+        f"[{_describe_failure(exc)[:300]}]"
     )
 
 
 def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
     """Build a fresh trainer and train from the plan's resume point to the chunk end (any process, any rank)."""
     settings = settings_from_json(job.settings)
+    faults.configure(settings.fault)
     ledger = Ledger(job.ledger_url)
     try:
         _train(ledger, _run(ledger, job), settings, job, plan)
@@ -225,7 +293,22 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         callbacks=_callbacks(ledger, run, settings, job, plan.attempt),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
+    if settings.fault.pause_at == "mid-save":
+        _pause_mid_save(trainer)
     trainer.train(resume_from_checkpoint=plan.resume_path)
+
+
+def _pause_mid_save(trainer: Any) -> None:
+    """Fault injection point `mid-save` (drills only): HF has written the model files, not yet the optimizer state."""
+    save_optimizer = getattr(trainer, "_save_optimizer_and_scheduler", None)
+    if save_optimizer is None:  # another transformers version: the point is simply never reached
+        return
+
+    def paused(output_dir: str) -> None:
+        faults.pause("mid-save", trainer.state.global_step)
+        save_optimizer(output_dir)
+
+    trainer._save_optimizer_and_scheduler = paused
 
 
 def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, attempt: int) -> list:
@@ -233,10 +316,13 @@ def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob
 
     def begin(step: int) -> None:
         ledger.begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()))
+        faults.pause("save-begun", step)
 
     def saved(step: int, epoch: float | None, metrics: dict) -> None:
         path = checkpoint_dir(ckpt_root, step)
+        faults.pause("files-written", step)
         manifest, sha = write_manifest(path, step=step, metrics=metrics, settings_digest=run.fingerprint)
+        faults.pause("manifest-written", step)
         ledger.commit_checkpoint(
             run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha
         )
@@ -250,6 +336,7 @@ def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob
         return max((c.bytes for c in committed), default=0)
 
     callbacks: list = [
+        PauseCallback(),
         ChunkStopCallback(job.end_step),
         DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
         LogCallback(log),

@@ -91,7 +91,11 @@ def run(
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from ckptflow import pipeline
 
-    pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
+    prepared = pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
+    with _ledger(settings) as ledger:  # changed settings/data, or a run being trained: exit 2 before Prefect starts
+        from ckptflow.runs import refuse_early
+
+        refuse_early(ledger, settings, data_fingerprint=prepared.data_fingerprint, run_name=run_name, new=new)
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:
@@ -199,14 +203,15 @@ def checkpoints(
 @app.command()
 @_exits
 def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Re-hash every committed checkpoint; exit 1 when any file differs or is missing."""
+    """Re-hash every committed checkpoint and look for partial ones; exit 1 when any file differs or is missing."""
     from ckptflow.recovery import verify_run
     from ckptflow.runs import get_run
 
-    ledger = _ledger(_settings(config))
+    settings = _settings(config)
+    ledger = _ledger(settings)
     try:
         run_record = get_run(ledger, run_name)
-        problems = verify_run(ledger, run_record.id)
+        problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
         checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
     finally:
         ledger.close()
@@ -217,6 +222,11 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
         for step, items in sorted(problems.items()):
             for item in items:
                 err.print(f"[red]checkpoint-{step}[/]: {item}", highlight=False)
+        err.print(
+            f"{len(problems)} problem checkpoint(s) in run {run_name}: resume and export never use them; they fall "
+            "back to the newest (resume) or best (export) checkpoint that verifies and move these to quarantine/",
+            highlight=False,
+        )
     else:
         out.print(f"{len(checked)} committed checkpoints verified: {checked}")
     if problems:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from ckptflow import faults
 from ckptflow.errors import CkptflowError
 from ckptflow.ledger import CheckpointRecord, RunRecord
 
@@ -75,13 +76,64 @@ def _reload(path: Path, merged: bool, base_loader) -> Any:
     return PeftModel.from_pretrained(base_loader(), str(path))
 
 
+# renameat2(2) flag: atomically exchange two paths (Linux >= 3.15).
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing directories; False where the OS cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename tmp → target; an existing target is moved aside first and removed after."""
+    """Put tmp at target. Where the OS can, one atomic exchange: target is never missing, not even
+    for an instant; else the old target is renamed aside first (recovered by `_recover_interrupted`)."""
+    if target.exists() and _exchange(tmp, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous export
+        return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_interrupted(target: Path) -> None:
+    """Undo what a killed export left beside `target`: restore a previous export that was moved
+    aside but not replaced, and delete temp dirs (half-written exports, or old ones after a swap)."""
+    olds = sorted(p for p in target.parent.glob(f".{target.name}.old-*") if not _owner_alive(p))
+    if olds and not target.exists():
+        os.replace(olds.pop(), target)
+    for leftover in [*olds, *target.parent.glob(f".{target.name}.tmp-*")]:
+        if not _owner_alive(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _owner_alive(path: Path) -> bool:
+    """Whether the process that named `path` (`...-<pid>`) is another live process (a concurrent export)."""
+    import psutil
+
+    pid = path.name.rsplit("-", 1)[-1]
+    return pid.isdigit() and int(pid) != os.getpid() and psutil.pid_exists(int(pid))
 
 
 def export_checkpoint(
@@ -93,6 +145,7 @@ def export_checkpoint(
     base_loader,
     tokenizer: Any,
     metrics: dict[str, Any],
+    notes: list[str] | None = None,
 ) -> ExportResult:
     """Write `checkpoint` of `run` to `out_dir` (see module docstring); raises CkptflowError if the reload check fails."""
     from peft import PeftModel
@@ -100,6 +153,7 @@ def export_checkpoint(
     t0 = time.monotonic()
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model = PeftModel.from_pretrained(base_loader(), checkpoint.path)
@@ -122,6 +176,7 @@ def export_checkpoint(
             "merged": merge,
             "metrics": metrics,
             "settings": run.config.get("settings"),
+            "notes": list(notes or []),  # e.g. checkpoints skipped because they failed verification
             "exported_at": datetime.now(UTC).isoformat(),
         }
         (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2, sort_keys=True))
@@ -130,6 +185,7 @@ def export_checkpoint(
         diff = float((expected - actual).abs().max())
         if not diff <= LOGITS_ATOL:
             raise CkptflowError(f"export check failed: reloaded logits differ by {diff:.3g} (> {LOGITS_ATOL})")
+        faults.pause("export-written", checkpoint.step)
         _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

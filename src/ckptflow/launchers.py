@@ -7,6 +7,7 @@ caller (a Prefect task with retries) then retries, resuming from the ledger.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,13 +17,37 @@ import tempfile
 from pathlib import Path
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, Launch, train_attempt
-from ckptflow.errors import CkptflowError
+from ckptflow.errors import BadInputError, CkptflowError, InsufficientDiskError
+from ckptflow.worker import ERROR_LINE_PREFIX, EXIT_BAD_INPUT, EXIT_DISK_FULL, PARENT_PID_ENV
 
 log = logging.getLogger(__name__)
+
+# Set in every child's environment unless the caller set them: offline, no analytics.
+CHILD_ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+# Lines of a failed child's output quoted in the error.
+_TAIL_LINES = 20
 
 
 class ChunkProcessError(CkptflowError):
     """The training process of a chunk died or exited non-zero."""
+
+
+def _child_error(code: int, tail: list[str]) -> CkptflowError | None:
+    """The exception a child reported with an exit code of worker.py, if any."""
+    report = next((line for line in reversed(tail) if line.startswith(ERROR_LINE_PREFIX)), None)
+    if report is None or code not in (EXIT_BAD_INPUT, EXIT_DISK_FULL):
+        return None
+    try:
+        message = json.loads(report.removeprefix(ERROR_LINE_PREFIX))["message"]
+    except (ValueError, KeyError, TypeError):
+        message = report
+    return InsufficientDiskError(message) if code == EXIT_DISK_FULL else BadInputError(message)
 
 
 def _describe_exit(code: int) -> str:
@@ -38,21 +63,30 @@ def _worker_command(job_file: Path, plan_file: Path) -> list[str]:
 
 
 def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
-    """Run `command`, stream its output into our log, raise ChunkProcessError on failure."""
+    """Run `command`, stream its output into our log; raise on failure.
+
+    A crash or signal raises ChunkProcessError (retryable); exits 2/3 of worker.py raise the
+    BadInputError / InsufficientDiskError the child reported (retrying cannot help).
+    """
     with tempfile.TemporaryDirectory(prefix="ckptflow-chunk-") as tmp:
         job_file, plan_file = Path(tmp) / "job.json", Path(tmp) / "plan.json"
         job_file.write_text(job.to_json())
         plan_file.write_text(plan.to_json())
         command = [arg.replace("{job}", str(job_file)).replace("{plan}", str(plan_file)) for arg in command]
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        # The child dies with us (worker.py sets PDEATHSIG): no orphan keeps writing after `kill -9` of the flow.
+        env = {**CHILD_ENV_DEFAULTS, **os.environ, PARENT_PID_ENV: str(os.getpid())}
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         assert proc.stdout is not None
         tail: list[str] = []
         for line in proc.stdout:
             line = line.rstrip()
-            tail = (tail + [line])[-20:]
+            tail = (tail + [line])[-_TAIL_LINES:]
             log.info("[chunk %d] %s", job.chunk, line)
         code = proc.wait()
     if code != 0:
+        reported = _child_error(code, tail)
+        if reported is not None:
+            raise reported
         raise ChunkProcessError(
             f"chunk {job.chunk} training process (pid {proc.pid}) {_describe_exit(code)}; last output:\n" + "\n".join(tail)
         )

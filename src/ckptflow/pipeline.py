@@ -6,12 +6,15 @@ the run name and reads/writes the ledger itself, so it can run in any process.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ckptflow import faults
 from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
 from ckptflow.ledger import Ledger, RunStatus
 from ckptflow.runs import OpenedRun, get_run, open_run
@@ -53,6 +56,53 @@ def load_inputs(settings: Settings):
 def prepare(settings: Settings) -> PreparedInfo:
     resolved, _, data = load_inputs(settings)
     return PreparedInfo(data.fingerprint, data.train_rows, data.eval_rows, data.source, str(resolved.path))
+
+
+def prepare_key(settings: Settings) -> str:
+    """Digest of everything `prepare` reads: data bytes, tokenizer, formatting settings, model path.
+
+    Cheap — it hashes files and loads the tokenizer but tokenizes nothing — so Prefect can use
+    it as the cache key of `prepare_data`: equal keys give equal PreparedInfo. Raises like
+    `prepare` for a model that cannot be resolved.
+    """
+    from ckptflow.data import FORMAT_VERSION, tokenizer_identity
+    from ckptflow.modeling import load_tokenizer, resolve_model
+
+    resolved = resolve_model(settings.model.name_or_path, settings.home)
+    header = {
+        "format": FORMAT_VERSION,
+        "data": settings.data.model_dump(mode="json"),
+        "max_length": settings.model.max_length,
+        "seed": settings.train.seed,
+        "model_path": str(resolved.path),
+        "tokenizer": tokenizer_identity(load_tokenizer(resolved)),
+    }
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for spec in (settings.data.train, settings.data.eval):
+        _hash_source(digest, spec)
+    return digest.hexdigest()
+
+
+def _hash_source(digest: Any, spec: str) -> None:
+    """Feed a data spec's content into `digest`: built-in texts, a file's bytes, or every file of a directory."""
+    from ckptflow.builtin import BUILTIN_PREFIX, builtin_texts
+
+    digest.update(f"\0source:{spec}".encode())
+    if not spec:
+        return
+    if spec.startswith(BUILTIN_PREFIX):
+        digest.update(json.dumps(builtin_texts(spec)).encode())
+        return
+    path = Path(spec).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if not file.is_file():
+            digest.update(b"\0missing")
+            continue
+        digest.update(f"\0{file.relative_to(path) if path.is_dir() else file.name}".encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
 
 
 def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str | None, new: bool) -> OpenedRun:
@@ -118,6 +168,7 @@ def export_run(
     from ckptflow.modeling import load_base_model, load_tokenizer, resolve_model
     from ckptflow.selection import choose_checkpoint
 
+    faults.configure(settings.fault)
     ledger = Ledger(settings.ledger)
     try:
         run = get_run(ledger, run_name)
@@ -133,7 +184,9 @@ def export_run(
             base_loader=lambda: load_base_model(resolved),
             tokenizer=load_tokenizer(resolved),
             metrics=metrics,
+            notes=notes,
         )
+        faults.pause("export-swapped", ckpt.step)
         record = ledger.record_export(
             run.id, checkpoint_id=ckpt.id, path=str(result.path), merged=merged, metrics=metrics
         )
@@ -153,12 +206,13 @@ def export_run(
 
 @contextmanager
 def run_lease(settings: Settings, run_name: str, holder: str) -> Iterator[None]:
-    """Hold the run's lease for the block: a second live `ckptflow run` on this run is refused."""
+    """Hold the run's lease for the block (heartbeat thread): a second live `ckptflow run` on this run is refused."""
+    from ckptflow.lease import hold_lease
+
     ledger = Ledger(settings.ledger)
-    run_id = get_run(ledger, run_name).id
-    ledger.acquire_lease(run_id, holder)
     try:
-        yield
+        run_id = get_run(ledger, run_name).id
     finally:
-        ledger.release_lease(run_id, holder)
         ledger.close()
+    with hold_lease(settings.ledger, run_id, holder):
+        yield

@@ -4,9 +4,9 @@ Plain functions over a `Ledger` and the filesystem (no Prefect, no torch):
 
 - `reconcile` runs at the start of every attempt and finishes whatever a crash left half
   done (stuck `writing` rows, partial directories, unrecorded complete checkpoints,
-  interrupted prunes, vanished directories);
+  interrupted prunes, vanished directories, attempts whose process died);
 - `resume_point` picks the newest committed checkpoint that verifies;
-- `verify_run` re-hashes every committed checkpoint;
+- `verify_run` re-hashes every committed checkpoint and reports partial directories;
 - `prune_checkpoints` is the one executor of a retention decision.
 
 Nothing here deletes a directory the ledger does not know: unknown or broken directories
@@ -22,7 +22,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckptflow import faults
 from ckptflow.integrity import (
+    MANIFEST_NAME,
     checkpoint_dirs,
     checkpoint_step,
     manifest_sha256,
@@ -112,7 +114,9 @@ def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir
     row partial (corrupt if it claimed to be committed); (3) directories with a valid
     manifest the ledger does not know (killed between manifest and ledger commit): commit
     them, and quarantine directories of rows already marked corrupt/partial; (4) committed
-    rows whose directory is gone: mark corrupt.
+    rows whose directory is gone: mark corrupt; (5) attempts still `running`: their process
+    died (the caller is the run's only writer), mark them failed so they no longer protect
+    the checkpoint they resumed from.
     """
     checkpoints_dir, quarantine_dir = Path(checkpoints_dir), Path(quarantine_dir)
     notes: list[str] = []
@@ -125,6 +129,7 @@ def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir
         if not Path(row.path).is_dir():
             ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, "directory missing")
             notes.append(f"checkpoint-{row.step}: committed but its directory {row.path} is missing; marked corrupt")
+    _abandon_running_attempts(ledger, run_id, notes)  # (5)
     for note in notes:
         log.warning("%s", note)
     return notes
@@ -182,6 +187,19 @@ def _adopt_unrecorded(
             _quarantine(path, quarantine_dir, "unrecorded and does not verify: " + "; ".join(problems), notes)
 
 
+# Error recorded on an attempt whose process died without recording how it ended.
+ABANDONED_ERROR = "abandoned: its process died (killed, OOM, power loss) before recording how the attempt ended"
+
+
+def _abandon_running_attempts(ledger: Ledger, run_id: int, notes: list[str]) -> None:
+    """Step 5: attempts left `running` by a dead process become `failed` (abandoned)."""
+    for a in ledger.abandon_attempts(run_id, ABANDONED_ERROR):
+        notes.append(
+            f"attempt {a.attempt} of chunk {a.chunk} (steps {a.start_step}-{a.end_step}, started "
+            f"{a.started_at:%Y-%m-%d %H:%M:%S} UTC) was still running: its process died; marked failed"
+        )
+
+
 def resume_point(
     ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, *, max_step: int | None = None
 ) -> ResumePoint | None:
@@ -212,13 +230,33 @@ def resume_point(
     return None
 
 
-def verify_run(ledger: Ledger, run_id: int) -> dict[int, list[str]]:
-    """Re-hash every committed checkpoint; {step: problems} for the bad ones. Changes nothing."""
+def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None) -> dict[int, list[str]]:
+    """Re-hash every committed checkpoint; {step: problems} for the bad ones. Changes nothing.
+
+    With `checkpoints_dir`, also reports `checkpoint-N` directories that are not committed:
+    without a manifest (a save that was interrupted, or is in progress) or unknown to the
+    ledger. `reconcile` quarantines them at the start of the next attempt.
+    """
     bad: dict[int, list[str]] = {}
-    for row in ledger.checkpoints(run_id, [CheckpointState.COMMITTED]):
-        problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
-        if problems:
-            bad[row.step] = problems
+    rows = {r.step: r for r in ledger.checkpoints(run_id)}
+    for row in rows.values():
+        if row.state == CheckpointState.COMMITTED:
+            problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
+            if problems:
+                bad[row.step] = problems
+    for path in checkpoint_dirs(checkpoints_dir) if checkpoints_dir is not None else []:
+        step = checkpoint_step(path)
+        row = rows.get(step)  # type: ignore[arg-type]
+        if row is not None and row.state == CheckpointState.COMMITTED and Path(row.path).resolve() == path.resolve():
+            continue
+        state = f"ledger says {row.state}" if row is not None else "unknown to the ledger"
+        if read_manifest(path) is None:
+            bad.setdefault(step, []).append(  # type: ignore[arg-type]
+                f"{path.name}/{MANIFEST_NAME}: missing manifest ({state}): a partial checkpoint (interrupted "
+                "or in-progress save), never resumed from"
+            )
+        else:
+            bad.setdefault(step, []).append(f"{path.name}: not committed ({state}); never resumed from")  # type: ignore[arg-type]
     return bad
 
 
@@ -227,6 +265,7 @@ def _delete_checkpoint_dir(path: Path) -> None:
     pending = _pruning_name(path)
     if path.is_dir():
         os.replace(path, pending)
+        faults.pause("prune-renamed", checkpoint_step(path))
     if pending.exists():
         shutil.rmtree(pending)
 
@@ -254,9 +293,10 @@ def prune_checkpoints(
             log.warning("not pruning step %s: its path %s is not a checkpoint-%s directory", step, path, step)
             continue
         ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, prune[step])  # (1)
+        faults.pause("prune-marked", step)
         _delete_checkpoint_dir(path)  # (2), (3)
         done.append(step)
     return done
 
 
-__all__ = ["PRUNING_PREFIX", "ResumePoint", "prune_checkpoints", "reconcile", "resume_point", "verify_run"]
+__all__ = ["ABANDONED_ERROR", "PRUNING_PREFIX", "ResumePoint", "prune_checkpoints", "reconcile", "resume_point", "verify_run"]

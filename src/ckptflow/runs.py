@@ -9,7 +9,7 @@ from typing import Any
 
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
-from ckptflow.settings import Settings, settings_from_json, steps_per_epoch
+from ckptflow.settings import Settings, env_var_for, settings_from_json, steps_per_epoch
 
 # Keys of runs.config (JSON).
 CONFIG_SETTINGS = "settings"
@@ -58,14 +58,28 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: str) -> str:
-    """What changed between a recorded run and the requested one, one line per field."""
-    before = _flatten(run_settings(old).model_dump(mode="json", exclude={"home", "ledger_url"}))
-    after = _flatten(settings.model_dump(mode="json", exclude={"home", "ledger_url"}))
-    lines = [f"  {k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(after) if before.get(k) != after.get(k)]
+    """What changed between a recorded run and the requested one, one line per setting that shapes the weights.
+
+    Settings outside the fingerprint (retries, launcher, retention, home, ...) may differ freely
+    and are not listed.
+    """
+    try:
+        before = _flatten(run_settings(old).fingerprint_inputs())
+    except ValueError:  # recorded by a version whose settings no longer validate
+        before = {}
+    after = _flatten(settings.fingerprint_inputs())
+    keys = sorted(set(before) | set(after))
+    lines = [
+        f"  {k}: {before.get(k)!r} -> {after.get(k)!r} ({_env_name(k)})" for k in keys if before.get(k) != after.get(k)
+    ]
     old_data = old.config.get(CONFIG_DATA_FINGERPRINT)
     if old_data != data_fingerprint:
         lines.append(f"  data fingerprint: {str(old_data)[:12]} -> {data_fingerprint[:12]} (data or tokenizer changed)")
     return "\n".join(lines) or "  (fingerprint algorithm changed)"
+
+
+def _env_name(dotted: str) -> str:
+    return env_var_for(tuple(dotted.split(".")))
 
 
 def _free_name(ledger: Ledger, name: str) -> str:
@@ -95,12 +109,7 @@ def open_run(
     if existing is not None and new:
         name, existing = _free_name(ledger, name), None
     if existing is not None:
-        if existing.fingerprint != fingerprint:
-            raise FingerprintMismatchError(
-                f"run {name!r} was recorded with different settings or data:\n"
-                f"{describe_difference(existing, settings, data_fingerprint)}\n"
-                f"resume it with its original settings, or pass --new to start a fresh run"
-            )
+        _refuse_changed(existing, settings, data_fingerprint)
         return OpenedRun(existing, created=False)
     config = {CONFIG_SETTINGS: settings.to_json(), CONFIG_DATA_FINGERPRINT: data_fingerprint}
     run = ledger.create_run(
@@ -111,6 +120,31 @@ def open_run(
         total_steps=total_steps(settings, train_rows),
     )
     return OpenedRun(run, created=True)
+
+
+def _refuse_changed(existing: RunRecord, settings: Settings, data_fingerprint: str) -> None:
+    if existing.fingerprint != run_fingerprint(settings, data_fingerprint):
+        raise FingerprintMismatchError(
+            f"run {existing.name!r} was recorded with different settings or data:\n"
+            f"{describe_difference(existing, settings, data_fingerprint)}\n"
+            f"resume it with its original settings, or pass --new to start a fresh run"
+        )
+
+
+def refuse_early(ledger: Ledger, settings: Settings, *, data_fingerprint: str, run_name: str | None, new: bool) -> None:
+    """What `open_run` and the run's lease would refuse, checked without writing anything.
+
+    For the CLI, before it starts Prefect: resuming with changed settings or data
+    (FingerprintMismatchError) and a run another live process is training (RunLockedError)
+    fail at once with exit 2. `open_run` and `hold_lease` in the flow remain the checks that
+    count (two processes may both pass this one).
+    """
+    if new:
+        return
+    existing = ledger.get_run(run_name or default_run_name(settings, data_fingerprint))
+    if existing is not None:
+        _refuse_changed(existing, settings, data_fingerprint)
+        ledger.check_lease(existing.id)
 
 
 def get_run(ledger: Ledger, name: str) -> RunRecord:

@@ -129,6 +129,22 @@ class FaultSettings(_Group):
     at_step: int | None = Field(None, gt=0, description="Fail when training reaches this optimizer step.")
     mode: Literal["raise", "kill"] = Field("raise", description="`raise` an exception, or SIGKILL the training process.")
     times: int = Field(1, ge=0, description="Fail only the first N attempts that reach at_step.")
+    pause_at: (
+        Literal[
+            "step-end",
+            "save-begun",
+            "mid-save",
+            "files-written",
+            "manifest-written",
+            "prune-marked",
+            "prune-renamed",
+            "export-written",
+            "export-swapped",
+        ]
+        | None
+    ) = Field(None, description="Sleep at this point (see ckptflow.faults) so a drill can watch the state and kill.")
+    pause_step: int | None = Field(None, gt=0, description="Pause only at this step; empty = the first time the point is reached.")
+    pause_seconds: float = Field(30.0, ge=0, description="How long a pause lasts (seconds).")
 
 
 class Settings(BaseSettings):
@@ -237,7 +253,11 @@ class Settings(BaseSettings):
 
     def training_fingerprint(self) -> str:
         """Digest of everything that changes the trained weights (not home, ledger, retries, retention)."""
-        relevant = {
+        return hashlib.sha256(json.dumps(self.fingerprint_inputs(), sort_keys=True).encode()).hexdigest()
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        """The settings that change the trained weights, by group (what `training_fingerprint` hashes)."""
+        return {
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),
             "train": self.train.model_dump(
@@ -247,7 +267,6 @@ class Settings(BaseSettings):
                 mode="json", include={"save_strategy", "save_steps", "eval_strategy", "eval_steps"}
             ),
         }
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -79,6 +79,16 @@ class FaultInjectionCallback(TrainerCallback):
         return control
 
 
+class PauseCallback(TrainerCallback):
+    """Fault injection: pause after an optimizer step, before its save (settings.fault.pause_at=step-end)."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        from ckptflow import faults
+
+        faults.pause("step-end", state.global_step)
+        return control
+
+
 class DiskGuardCallback(TrainerCallback):
     """Refuse to start a save that would leave less than `min_free_bytes` free."""
 

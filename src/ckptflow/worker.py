@@ -1,14 +1,55 @@
-"""Child-process entry point of the subprocess/torchrun launchers: train one attempt, exit 0 on success."""
+"""Child-process entry point of the subprocess/torchrun launchers: train one attempt, exit 0 on success.
+
+Failures the parent must not retry blindly end with a distinct exit code and, as the last
+line of output, `ckptflow-error: {"type": ..., "message": ...}` (see launchers.py).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, train_attempt
+from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.quiet import quiet_libraries
+
+# Exit codes the parent maps back to exceptions (anything else non-zero is a retryable crash).
+EXIT_BAD_INPUT = 2
+EXIT_DISK_FULL = 3
+# Prefix of the last output line that carries the error for the parent.
+ERROR_LINE_PREFIX = "ckptflow-error: "
+# Env var with the launching process's pid: the worker dies with it.
+PARENT_PID_ENV = "CKPTFLOW_LAUNCHER_PID"
+# Linux prctl option: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+
+
+def _report(exc: BaseException) -> None:
+    print(ERROR_LINE_PREFIX + json.dumps({"type": type(exc).__name__, "message": str(exc)}), flush=True)
+
+
+def _die_with_parent() -> bool:
+    """Ask Linux to SIGKILL us when our parent dies; False if the launcher is already gone.
+
+    Without this, a child orphaned by `kill -9` of `ckptflow run` would keep training and
+    committing checkpoints while a new `ckptflow run` takes the run over: two writers. Under
+    torchrun our parent is the torchrun agent, so only subprocess workers check the pid.
+    """
+    launcher = os.environ.get(PARENT_PID_ENV)
+    if not sys.platform.startswith("linux"):
+        return True
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return True
+    return launcher is None or "RANK" in os.environ or os.getppid() == int(launcher)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,9 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=Path, required=True)
     parser.add_argument("--plan", type=Path, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(name)s: %(message)s")
+    if not _die_with_parent():
+        print("the launching process is gone; not training", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(name)s: %(message)s"
+    )
     quiet_libraries()
-    train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))
+    try:
+        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))
+    except InsufficientDiskError as exc:
+        _report(exc)
+        return EXIT_DISK_FULL
+    except BadInputError as exc:  # e.g. the run's lease was taken over: retrying cannot help
+        _report(exc)
+        return EXIT_BAD_INPUT
     return 0
 
 

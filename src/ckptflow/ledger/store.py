@@ -17,6 +17,7 @@ The schema comes only from the Alembic migrations shipped in this package; openi
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -59,6 +60,10 @@ SQLITE_BUSY_TIMEOUT_S = 30.0
 _IMMEDIATE_OPTION = "ckptflow_sqlite_immediate"
 # Retries of the migration step when another process is creating the same schema.
 _MIGRATE_RETRIES = 10
+# A run's lease is taken over when its holder has not heartbeat for this long (seconds).
+LEASE_TTL_SECONDS = 60.0
+# Holders heartbeat this often: a third of the TTL or less, so one late beat never loses the lease.
+LEASE_HEARTBEAT_SECONDS = LEASE_TTL_SECONDS / 4
 
 
 # -- records ---------------------------------------------------------------------------
@@ -406,7 +411,9 @@ class Ledger:
 
         Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
         "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
-        in the checkpoints' metrics (ties: the earlier step).
+        in the checkpoints' metrics (ties: the earlier step), counting only finite numbers, as
+        `policy.best_step` does. Metrics are decoded in Python, not with SQL JSON functions:
+        SQLite's reject a whole document holding a NaN (a diverged loss), which would fail the call.
         """
         committed = CheckpointState.COMMITTED.value
         out: dict[int, dict[str, Any]] = {}
@@ -420,13 +427,15 @@ class Ledger:
                 out[run_id] = {
                     "committed": n, "latest_step": latest, "best_step": None, "best_value": None, "metric": metric
                 }
-            value = Checkpoint.metrics[metric].as_float()
             rows = s.execute(
-                select(Checkpoint.run_id, Checkpoint.step, value)
-                .where(Checkpoint.state == committed, value.is_not(None))
+                select(Checkpoint.run_id, Checkpoint.step, Checkpoint.metrics)
+                .where(Checkpoint.state == committed)
                 .order_by(Checkpoint.run_id, Checkpoint.step)
             )
-            for run_id, step, v in rows:
+            for run_id, step, metrics in rows:
+                v = _finite_number((metrics or {}).get(metric))
+                if v is None:
+                    continue
                 entry = out[run_id]
                 best = entry["best_value"]
                 if best is None or (v > best if greater_is_better else v < best):
@@ -538,6 +547,26 @@ class Ledger:
             a = self._attempt(s, attempt_id)
             a.status, a.error, a.finished_at = status.value, error, utcnow()
 
+    def abandon_attempts(self, run_id: int, error: str) -> list[AttemptRecord]:
+        """Mark the run's `running` attempts failed with `error`; returns them as they were.
+
+        Only the run's single writer (the lease holder) calls this, when it starts an
+        attempt: any other attempt still `running` then belongs to a process that died.
+        """
+        with self._write.begin() as s:
+            rows = list(
+                s.scalars(
+                    select(Attempt)
+                    .where(Attempt.run_id == run_id, Attempt.status == AttemptStatus.RUNNING.value)
+                    .order_by(Attempt.id)
+                )
+            )
+            before = [_attempt_record(a) for a in rows]
+            now = utcnow()
+            for a in rows:
+                a.status, a.error, a.finished_at = AttemptStatus.FAILED.value, error, now
+            return before
+
     def add_attempt_note(self, attempt_id: int, note: str) -> None:
         """Append one line to the attempt's notes."""
         with self._write.begin() as s:
@@ -587,31 +616,42 @@ class Ledger:
             return [_export_record(e, step) for e, step in s.execute(q.order_by(Export.id))]
 
     # -- leases -----------------------------------------------------------------------
-    def acquire_lease(self, run_id: int, holder: str, *, ttl_seconds: float = 60) -> None:
+    def acquire_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> str | None:
         """Become the run's only writer, or raise RunLockedError naming the live holder.
 
         A lease held by someone else is taken over when its holder is gone: its pid is dead
         on this host, or it has not heartbeat for `ttl_seconds`. Re-acquiring one's own
-        lease refreshes it.
+        lease refreshes it. Returns a description of the holder taken over, if any.
         """
         now, host, pid = utcnow(), socket.gethostname(), os.getpid()
+        taken_over: str | None = None
         with self._write.begin() as s:
             run = self._run(s, run_id)
             lease = s.get(Lease, run_id)
             if lease is None:
                 s.add(Lease(run_id=run_id, holder=holder, host=host, pid=pid, acquired_at=now, heartbeat_at=now))
-                return
+                return None
             if lease.holder != holder:
-                age = (now - lease.heartbeat_at).total_seconds()
-                dead = lease.host == host and not _pid_alive(lease.pid)
-                if not dead and age <= ttl_seconds:
-                    raise RunLockedError(
-                        f"run {run.name!r} is being written by {lease.holder} (host {lease.host}, pid {lease.pid}) "
-                        f"since {lease.acquired_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {age:.0f}s ago: "
-                        "wait for it to finish, or stop that process and retry"
-                    )
+                refusal, why = _lease_in_use(lease, run.name, now, ttl_seconds)
+                if refusal:
+                    raise RunLockedError(refusal)
+                taken_over = f"{lease.holder} (host {lease.host}, pid {lease.pid}; {why})"
                 lease.acquired_at = now
             lease.holder, lease.host, lease.pid, lease.heartbeat_at = holder, host, pid, now
+        return taken_over
+
+    def check_lease(self, run_id: int, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
+        """Raise RunLockedError if a live holder has the run's lease (as acquire_lease would); writes nothing.
+
+        A cheap early refusal; acquire_lease remains the check that counts (two processes may pass this one).
+        """
+        with self._read() as s:
+            run = self._run(s, run_id)
+            lease = s.get(Lease, run_id)
+            if lease is not None:
+                refusal, _ = _lease_in_use(lease, run.name, utcnow(), ttl_seconds)
+                if refusal:
+                    raise RunLockedError(refusal)
 
     def heartbeat(self, run_id: int, holder: str) -> None:
         """Prove the holder is alive. Raises RunLockedError if the lease was lost (taken over or released)."""
@@ -656,6 +696,29 @@ class Ledger:
         return a
 
 
+def _finite_number(value: object) -> float | None:
+    """`value` as a float if it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _lease_in_use(lease: Lease, run_name: str, now: datetime, ttl_seconds: float) -> tuple[str | None, str]:
+    """(refusal message if the holder is alive, else None; why it is considered gone)."""
+    age = (now - lease.heartbeat_at).total_seconds()
+    dead = lease.host == socket.gethostname() and not _pid_alive(lease.pid)
+    if not dead and age <= ttl_seconds:
+        return (
+            f"run {run_name!r} is already being trained by another process: {lease.holder} "
+            f"(host {lease.host}, pid {lease.pid}) holds its lease since "
+            f"{lease.acquired_at:%Y-%m-%d %H:%M:%S} UTC, last heartbeat {age:.0f}s ago. "
+            "Two writers on one run are never allowed: wait for it to finish, or stop that process "
+            f"(its lease expires {ttl_seconds:.0f}s after its last heartbeat) and run again",
+            "",
+        )
+    return None, "its process is gone" if dead else f"no heartbeat for {age:.0f}s"
+
+
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -682,6 +745,8 @@ def _pid_alive(pid: int) -> bool:
 
 __all__ = [
     "ALEMBIC_INI",
+    "LEASE_HEARTBEAT_SECONDS",
+    "LEASE_TTL_SECONDS",
     "MIGRATIONS_DIR",
     "AttemptRecord",
     "CheckpointRecord",

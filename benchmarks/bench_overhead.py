@@ -1,0 +1,176 @@
+"""Benchmark 1 — orchestration overhead: the same fine-tune, bare vs `ckptflow run`.
+
+Variants (each a real process; wall time from this parent, spans from the probe):
+
+  a        bare TRL SFTTrainer script, HF checkpointing (save_steps, save_total_limit)   [baseline]
+  b        `ckptflow run`, in-process launcher, Prefect temporary server (no PREFECT_API_URL)
+  b-srv    the same against an already running `prefect server start` on 127.0.0.1
+  c        launcher=subprocess (each chunk trains in a child process), running server
+  d-N      chunk_steps=N, running server (N = total: one chunk; N = save_steps: many chunks)
+
+A long pair (a-long, b-long: a few minutes of training) gives the headline ratio; the other
+variants run a shorter workload against their own bare baseline `a`. Every ckptflow run is
+split into exclusive buckets (imports, Prefect startup, per-chunk model reload, manifest
+hashing, ledger calls, ...) that add up to its wall time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    what: str
+    kind: str  # "bare" or "ckptflow"
+    total_steps: int
+    save_steps: int
+    chunk_steps: int = 0  # 0 = ckptflow's auto (about 4 chunks)
+    launcher: str = "inprocess"
+    server: str = "temp"  # "temp" (temporary server) or "running"
+    baseline: str = "a"
+
+
+def variants(quick: bool) -> list[Variant]:
+    if quick:
+        t, s = 4, 2
+        return [
+            Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
+            Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
+        ]
+    long_t, long_s = 2000, 100
+    t, s = 400, 50
+    return [
+        Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long"),
+        Variant("b-long", "ckptflow run, temporary Prefect server", "ckptflow", long_t, long_s, baseline="a-long"),
+        Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
+        Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
+        Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running"),
+        Variant("c", "launcher=subprocess, running server", "ckptflow", t, s, launcher="subprocess", server="running"),
+        Variant(f"d-{t}", "one chunk (chunk_steps=total), running server", "ckptflow", t, s, chunk_steps=t, server="running"),
+        Variant(f"d-{s}", f"{t // s} chunks (chunk_steps={s}), running server", "ckptflow", t, s, chunk_steps=s, server="running"),
+    ]
+
+
+def run_variant(v: Variant, work: Path, home: Path, model: Path, data: Path, prefect_home: Path,
+                server: C.PrefectServer | None) -> C.Proc:  # fmt: skip
+    if v.kind == "bare":
+        out = work / f"bare-{v.key}"
+        return C.run_probed(v.key, C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps),
+                            C.base_env(home), cwd=work)  # fmt: skip
+    extra = {"PREFECT_API_URL": server.url} if v.server == "running" and server else {}
+    env = C.ckptflow_env(home, total_steps=v.total_steps, save_steps=v.save_steps, chunk_steps=v.chunk_steps,
+                         launcher=v.launcher, prefect_home=prefect_home, **extra)  # fmt: skip
+    return C.run_probed(v.key, [C.CKPTFLOW, "run", "--run-name", f"bench-{v.key}"], env, cwd=work)
+
+
+def fixed_seconds(parts: dict[str, float]) -> float:
+    return sum(sec for key, sec in parts.items() if C.BUCKETS[key][1] == "fixed")
+
+
+def summarize(v: Variant, p: C.Proc) -> dict:
+    parts = C.breakdown(p)
+    steps = C.step_intervals(p)
+    return {
+        "variant": v.__dict__,
+        "chunks": p.count("chunks.run_chunk") or 1,
+        "wall": p.wall,
+        "cpu": p.cpu,
+        "first_step_at": p.first_step_at(),
+        "fixed": fixed_seconds(parts),
+        "breakdown": parts,
+        "step_median_ms": statistics.median(steps) * 1000 if steps else None,
+        "steps_timed": len(steps),
+        "prefect_server_start": max((s["t1"] - s["t0"] for s in p.spans("prefect.server_start")), default=0.0),
+        "saves": p.count("hf.save"),
+        "ledger_calls": p.calls("ledger.")[0],
+        "load": C.loadavg()[0],
+    }
+
+
+def main() -> None:
+    args = C.parser(__doc__.splitlines()[0]).parse_args()
+    report = C.Report("overhead", "1. Orchestration overhead: bare SFTTrainer vs `ckptflow run`", args.quick)
+    todo = variants(args.quick)
+    results: dict[str, dict] = {}
+    with C.Workdir(args, "overhead") as work:
+        home, model, data = C.prepare_workload(work)
+        prefect_home = work / "prefect-home"
+        report.data["prefect_db_init_seconds"] = C.warm_prefect_home(prefect_home)
+        server = None
+        server_ctx = None
+        for v in todo:
+            if v.server == "running" and v.kind == "ckptflow" and server is None:
+                server_ctx = C.PrefectServer(prefect_home, work / "prefect-server.log")
+                server = server_ctx.__enter__()
+                report.data["running_server_startup_seconds"] = server.startup_seconds
+            print(f"[overhead] {v.key}: {v.what} ({v.total_steps} steps, save every {v.save_steps}) ...", flush=True)
+            p = run_variant(v, work, home, model, data, prefect_home, server)
+            results[v.key] = summarize(v, p)
+            print(f"[overhead] {v.key}: wall {p.wall:.1f}s, cpu {p.cpu:.1f}s", flush=True)
+        if server_ctx is not None:
+            server_ctx.__exit__(None, None, None)
+    report.data["runs"] = results
+    print_tables(report, todo, results)
+    report.save()
+
+
+def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]) -> None:
+    rows = []
+    for v in todo:
+        r, base = results[v.key], results[v.baseline]
+        var_r = (r["wall"] - r["fixed"]) / (base["wall"] - base["fixed"]) if base["wall"] > base["fixed"] else None
+        rows.append([
+            v.key, v.what, v.total_steps, r["chunks"], r["wall"], r["cpu"], r["first_step_at"], r["fixed"],
+            C.ratio(r["wall"], base["wall"]), f"{var_r:.2f}×" if var_r else "—",
+            C.ratio(r["cpu"], base["cpu"]), r["step_median_ms"], r["load"],
+        ])  # fmt: skip
+    report.table(
+        "Runs (seconds; ratios against the bare run of the same length)",
+        ["run", "what", "steps", "chunks", "wall", "CPU", "1st step at", "fixed costs", "wall ratio",
+         "ratio excl. fixed", "CPU ratio", "median step ms", "load"],
+        rows,
+    )  # fmt: skip
+    for group in _groups(todo):
+        keys = [v.key for v in group]
+        rows = []
+        for bucket, (label, kind) in C.BUCKETS.items():
+            vals = [results[k]["breakdown"][bucket] for k in keys]
+            if max(vals) >= 0.005:
+                rows.append([label, kind, *vals])
+        rows.append(["**total (= wall)**", "", *[sum(results[k]["breakdown"].values()) for k in keys]])
+        report.table(
+            f"Where the time went, seconds ({', '.join(keys)}; exclusive buckets that add up to the wall time)",
+            ["bucket", "kind", *keys],
+            rows,
+        )
+    notes = [
+        "fixed = once per run (process start, imports, Prefect server, end-of-run evaluate/export/artifacts); "
+        "ratio excl. fixed = (wall − fixed) / (bare wall − bare fixed).",
+    ]
+    srv = report.data.get("running_server_startup_seconds")
+    temp = [results[v.key]["prefect_server_start"] for v in todo if v.kind == "ckptflow" and v.server == "temp"]
+    if temp:
+        notes.append(
+            f"Prefect temporary server start inside `ckptflow run`: {statistics.median(temp):.1f}s per run"
+            + (f"; a running `prefect server start` took {srv:.1f}s to come up once, then 0 s per run." if srv else ".")
+        )
+    report.note("\n".join(f"- {n}" for n in notes))
+
+
+def _groups(todo: list[Variant]) -> list[list[Variant]]:
+    groups: dict[str, list[Variant]] = {}
+    for v in todo:
+        groups.setdefault(v.baseline, []).append(v)
+    return list(groups.values())
+
+
+if __name__ == "__main__":
+    main()

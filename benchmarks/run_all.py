@@ -1,0 +1,91 @@
+"""Run every benchmark of issue 6 in one go (what `make bench` does) and write one summary.
+
+    python benchmarks/run_all.py            # full: about 15 minutes on 2 CPU cores
+    python benchmarks/run_all.py --quick    # tiny sizes, a minute or two: checks that everything runs
+    python benchmarks/run_all.py --only integrity ledger
+
+Each benchmark runs as its own process (one at a time), prints its tables, and writes
+benchmarks/results/<name>.{md,json}; this script then writes benchmarks/results/summary.md:
+machine, versions, load averages, the source tree measured, and every table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+# name -> script, in the issue's order
+BENCHMARKS = {
+    "overhead": "bench_overhead.py",
+    "resume": "bench_resume.py",
+    "integrity": "bench_integrity.py",
+    "ledger": "bench_ledger.py",
+    "stall": "bench_stall.py",
+}
+
+
+def tree_state() -> str:
+    """The commit measured, and whether the working tree had local changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=C.TREE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "flows", "tasks"], cwd=C.TREE,
+                               capture_output=True, text=True)  # fmt: skip
+    except OSError:
+        return f"{C.TREE} (not a git checkout)"
+    if rev.returncode != 0:
+        return f"{C.TREE} (not a git checkout)"
+    changed = len([line for line in dirty.stdout.splitlines() if line.strip()])
+    return f"{rev.stdout.strip()}" + (f" + {changed} locally changed files under src/, flows/, tasks/" if changed else "")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (checks that everything runs)")
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    args = p.parse_args()
+    names = args.only or list(BENCHMARKS)
+    load_start, t0 = C.loadavg(), time.monotonic()
+    failed = []
+    for name in names:
+        print(f"\n===== {name} ({BENCHMARKS[name]}) =====", flush=True)
+        cmd = [C.PYTHON, str(C.BENCH_DIR / BENCHMARKS[name])] + (["--quick"] if args.quick else [])
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+    minutes = (time.monotonic() - t0) / 60
+    machine = C.machine()
+    v = machine["versions"]
+    header = [
+        f"# ckptflow benchmarks{' (--quick: numbers mean little)' if args.quick else ''}",
+        "",
+        f"- machine: {machine['cpus']} CPU cores ({machine['cpu_model']}), Linux {machine['kernel']}, "
+        f"Python {machine['python']}",
+        f"- versions: torch {v['torch']}, transformers {v['transformers']}, trl {v['trl']}, peft {v['peft']}, "
+        f"prefect {v['prefect']}, sqlalchemy {v['sqlalchemy']}",
+        f"- tree measured: {tree_state()}",
+        f"- load average (1/5/15 min): {load_start} at start, {C.loadavg()} at end; whole run {minutes:.1f} min",
+        f"- workload (1, 2, 5): {C.MODEL} (GPT-2, 4 layers, width 256) + LoRA r=8 on {C.DATA} (512 texts), "
+        f"batch {C.BATCH_SIZE}, CPU",
+    ]
+    parts = ["\n".join(header)]
+    for name in names:
+        md = C.RESULTS_DIR / f"{name}.md"
+        parts.append(md.read_text() if md.is_file() and name not in failed else f"### {name}: FAILED")
+    summary = "\n\n".join(parts) + "\n"
+    C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (C.RESULTS_DIR / "summary.md").write_text(summary)
+    (C.RESULTS_DIR / "summary.json").write_text(json.dumps(
+        {"quick": args.quick, "machine": machine, "tree": tree_state(), "minutes": minutes, "failed": failed,
+         "loadavg_start": load_start, "loadavg_end": C.loadavg()}, indent=2) + "\n")  # fmt: skip
+    print(f"\nsummary: {C.RESULTS_DIR / 'summary.md'} ({minutes:.1f} min)" + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

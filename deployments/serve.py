@@ -1,0 +1,90 @@
+"""`ckptflow serve`: serve the finetune and retrain deployments from this process (flow.serve), no work pool.
+
+Names, descriptions, tags, parameters, schedules and concurrency come from
+deployments/prefect.yaml, so served and worker-based deployments behave the same.
+Stop with Ctrl-C: Prefect pauses the served deployments' schedules on shutdown.
+Serve or `make deploy` + a worker, not both: deployments of the same name that run on a work
+pool are refused here (delete them first), because served runs of them would crash.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+
+
+def deployment_specs(path: Path = PREFECT_YAML) -> dict[str, dict[str, Any]]:
+    """The `deployments:` entries of prefect.yaml by name."""
+    import yaml
+
+    document = yaml.safe_load(path.read_text())
+    return {d["name"]: d for d in document["deployments"]}
+
+
+def _schedules(spec: dict[str, Any]) -> list[Any]:
+    from prefect.schedules import Cron
+
+    return [
+        Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
+        for s in spec.get("schedules") or []
+    ]
+
+
+def _to_deployment(flow: Any, spec: dict[str, Any]) -> Any:
+    return flow.to_deployment(
+        name=spec["name"],
+        description=spec.get("description"),
+        tags=spec.get("tags"),
+        parameters=spec.get("parameters") or {},
+        schedules=_schedules(spec),
+        concurrency_limit=spec.get("concurrency_limit"),
+    )
+
+
+def _pool_deployments(names: list[str]) -> list[str]:
+    """Those of `names` that already exist as work-pool deployments on the server."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name:
+                taken.append(f"{name} (work pool {deployment.work_pool_name})")
+    return taken
+
+
+def main() -> None:
+    """Serve both flows until interrupted. Like `ckptflow run`, flow runs start in the current directory:
+    relative config_file paths (the retrain deployment's `examples/nightly.toml`) resolve from there,
+    so run it from the repository root (`make serve` does)."""
+    for key, value in (("PREFECT_LOGGING_EXTRA_LOGGERS", "ckptflow"), ("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(key, value)
+    from prefect import serve
+
+    from flows.finetune import finetune
+    from flows.retrain import retrain
+
+    specs = deployment_specs()
+    taken = _pool_deployments([f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain"))])
+    if taken:
+        print(
+            f"error: {', '.join(taken)} already deployed to a work pool (make deploy): run a worker for them "
+            f"(prefect worker start --pool ckptflow-process), or delete them first "
+            f"(prefect deployment delete finetune/finetune; prefect deployment delete retrain/retrain)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    serve(_to_deployment(finetune, specs["finetune"]), _to_deployment(retrain, specs["retrain"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A real Prefect stack for e2e tests: `prefect server start`, the process work pool and deployments
+from deployments/prefect.yaml (via deploy.sh), and a worker — each a subprocess in its own
+process group, all killed (with every descendant) when the module's tests finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+POOL = "ckptflow-process"
+SERVER_START_TIMEOUT_S = 120
+
+
+@dataclass
+class Stack:
+    api_url: str
+    env: dict[str, str]  # for CLI calls against this server
+    ckptflow_home: Path  # the worker's CKPTFLOW_HOME
+    logs: Path
+    deploy_output: str = ""
+
+    def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run the prefect CLI against this server; output captured as text."""
+        return subprocess.run(
+            [str(BIN / "prefect"), *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env(prefect_home: Path, api_url: str) -> dict[str, str]:
+    """This process's environment without Prefect/ckptflow settings, pointed at the test server."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CKPTFLOW_"))}
+    env.update(
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_API_URL=api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_WORKER_PREFETCH_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("w")
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, then SIGKILL it and every descendant that escaped it."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(descendants, timeout=5)
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("prefect-stack")
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = _clean_env(root / "prefect-home", api_url)
+    home = root / "ckptflow-home"
+    stack = Stack(api_url, env, home, root)
+    procs: list[subprocess.Popen] = []
+    try:
+        server_log = root / "server.log"
+        server = start_process(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log
+        )
+        procs.append(server)
+        _wait_healthy(api_url, server, server_log)
+        deployed = subprocess.run(
+            ["bash", str(REPO / "deployments" / "deploy.sh")], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        stack.deploy_output = deployed.stdout + deployed.stderr
+        worker_env = {**env, "CKPTFLOW_HOME": str(home)}
+        worker = [str(BIN / "prefect"), "worker", "start", "--pool", POOL]
+        procs.append(start_process(worker, worker_env, root / "worker.log"))
+        yield stack
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
