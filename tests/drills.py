@@ -55,7 +55,7 @@ WATCH_TIMEOUT = 120.0
 POLL = 0.005
 
 
-def pause_env(point: str, step: int | None = None, seconds: float = 60) -> dict[str, str]:
+def pause_env(point: str, step: int | None = None, seconds: float = 120) -> dict[str, str]:
     env = {"CKPTFLOW_FAULT__PAUSE_AT": point, "CKPTFLOW_FAULT__PAUSE_SECONDS": str(seconds)}
     if step is not None:
         env["CKPTFLOW_FAULT__PAUSE_STEP"] = str(step)

@@ -63,7 +63,7 @@ def test_disk_full_during_a_save_then_rerun_after_freeing_space(home, small_disk
     watcher = Watcher(home, "full")
     try:
         # 1. Train; when the ledger says checkpoint-4 is being written, fill the disk.
-        driver = Driver(home, "full", {**ENV, **pause_env("save-begun", 4, seconds=3)})
+        driver = Driver(home, "full", {**ENV, **pause_env("save-begun", 4, seconds=5)})
         watcher.wait_for(lambda s: s.committed() == [2] and s.state(4) == CheckpointState.WRITING, driver, "save of 4")
         _fill(small_disk, LEAVE_FREE)
         code = driver.wait()
