@@ -57,13 +57,10 @@ def _prefect_ids() -> tuple[str | None, str | None]:
 def train_chunk(settings: Settings, run_name: str, chunk: Chunk) -> ChunkResult:
     """Train one chunk; every retry resumes from the ledger's newest verified checkpoint."""
     flow_run_id, task_run_id = _prefect_ids()
-    job = ChunkJob(
-        ledger_url=settings.ledger,
-        run_name=run_name,
-        chunk=chunk.index,
-        start_step=chunk.start_step,
-        end_step=chunk.end_step,
-        settings=settings.to_json(),
+    job = ChunkJob.for_chunk(
+        settings,
+        run_name,
+        chunk,
         lease_holder=lease_holder_id(),
         prefect_flow_run_id=flow_run_id,
         prefect_task_run_id=task_run_id,

@@ -86,15 +86,7 @@ def main(run_name: str, command: str = "run") -> int:
             try:
                 plan = chunk_plan(opened.run.total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps)
                 for chunk in plan:
-                    job = ChunkJob(
-                        ledger_url=settings.ledger,
-                        run_name=run_name,
-                        chunk=chunk.index,
-                        start_step=chunk.start_step,
-                        end_step=chunk.end_step,
-                        settings=settings.to_json(),
-                        lease_holder=holder,
-                    )
+                    job = ChunkJob.for_chunk(settings, run_name, chunk, lease_holder=holder)
                     run_chunk(job)
                 pipeline.evaluate_run(settings, run_name)
                 exported = pipeline.export_run(settings, run_name)

@@ -20,14 +20,7 @@ def settings_for(home: Path, **overrides: Any) -> Settings:
 
 
 def job_for(settings: Settings, run_name: str, chunk) -> ChunkJob:
-    return ChunkJob(
-        ledger_url=settings.ledger,
-        run_name=run_name,
-        chunk=chunk.index,
-        start_step=chunk.start_step,
-        end_step=chunk.end_step,
-        settings=settings.to_json(),
-    )
+    return ChunkJob.for_chunk(settings, run_name, chunk)
 
 
 def train_without_prefect(settings: Settings, run_name: str, *, launch=None) -> str:

@@ -24,6 +24,7 @@ from ckptflow.integrity import dir_bytes, quarantine, write_manifest
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunRecord
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
+from ckptflow.planning import Chunk
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
@@ -64,6 +65,19 @@ class ChunkJob:
     @classmethod
     def from_json(cls, text: str) -> ChunkJob:
         return cls(**json.loads(text))
+
+    @classmethod
+    def for_chunk(cls, settings: Settings, run_name: str, chunk: Chunk, **extra: Any) -> ChunkJob:
+        """The job of `chunk` of run `run_name`; `extra`: lease holder and Prefect run ids."""
+        return cls(
+            ledger_url=settings.ledger,
+            run_name=run_name,
+            chunk=chunk.index,
+            start_step=chunk.start_step,
+            end_step=chunk.end_step,
+            settings=settings.to_json(),
+            **extra,
+        )
 
 
 @dataclass(frozen=True)
