@@ -113,8 +113,15 @@ def run(
     if result.get("already_completed"):
         err.print(f"run {result['run']} already completed; `ckptflow checkpoints {result['run']}` shows it, --new trains again")
         return
-    export = result.get("export", {})
-    err.print(f"run {result['run']} completed: exported step {export.get('step')} to {export.get('path')}")
+    export, evaluation = result.get("export", {}), result.get("evaluation", {})
+    err.print(f"run {result['run']} completed", highlight=False)
+    if "best_eval_loss" in evaluation:
+        err.print(
+            f"  eval loss base → best (step {evaluation['best_step']}): "
+            f"{evaluation['base_eval_loss']:.4f} → {evaluation['best_eval_loss']:.4f}",
+            highlight=False,
+        )
+    err.print(f"  exported step {export.get('step')} to {export.get('path')}", highlight=False, soft_wrap=True)
 
 
 @app.command()
