@@ -1,7 +1,8 @@
 """Baseline: the fine-tune ckptflow wraps, as a bare TRL SFTTrainer script with HF checkpointing.
 
 Same model, data, LoRA config and training arguments as `ckptflow run` with the benchmark
-settings; HF saves every --save-steps and rotates with save_total_limit (keeping the best by
+settings — fp32 included (TRL's SFTConfig defaults to bf16 autocast; ckptflow pins fp32).
+HF saves every --save-steps and rotates with save_total_limit (keeping the best by
 eval_loss, like `load_best_model_at_end` users do). No ckptflow import anywhere.
 
     python benchmarks/bare_sft.py --model DIR --data DIR --out DIR --max-steps 300 --save-steps 50
@@ -57,6 +58,7 @@ def main() -> None:
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.max_steps,
+        num_train_epochs=2,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         learning_rate=2e-4,
@@ -73,6 +75,8 @@ def main() -> None:
         max_length=128,
         report_to=[],
         disable_tqdm=True,
+        bf16=False,  # TRL defaults to bf16 autocast; ckptflow trains in fp32, and so must the baseline
+        fp16=False,
         use_cpu=True,
         dataloader_num_workers=0,
     )

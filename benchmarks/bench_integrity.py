@@ -125,7 +125,7 @@ def main() -> None:
     from ckptflow.integrity import verify_checkpoint, write_manifest
 
     report = C.Report("integrity", "3. Integrity cost vs the disk", args.quick)
-    repeat = 1 if args.quick else 3
+    repeat = 1 if args.quick else 5
     with C.Workdir(args, "integrity") as work:
         model, optim_state = build_state(args.quick)
         can_drop = drop_caches()

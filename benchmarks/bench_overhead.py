@@ -45,7 +45,7 @@ def variants(quick: bool) -> list[Variant]:
             Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
             Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
         ]
-    long_t, long_s = 2000, 100
+    long_t, long_s = 4000, 100
     t, s = 400, 50
     return [
         Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long"),
@@ -75,10 +75,29 @@ def fixed_seconds(parts: dict[str, float]) -> float:
     return sum(sec for key, sec in parts.items() if C.BUCKETS[key][1] == "fixed")
 
 
+def per_train_call(p: C.Proc) -> list[dict]:
+    """For each trainer.train() (one per chunk): seconds to its first step, and its step times (ms)."""
+    out = []
+    steps = p.steps()
+    for span in p.spans("hf.train"):
+        inside = [t for t, _ in steps if span["t0"] <= t <= span["t1"]]
+        gaps = [b - a for a, b in zip(inside, inside[1:])]
+        out.append({
+            "seconds": span["t1"] - span["t0"],
+            "first_step_after": inside[0] - span["t0"] if inside else None,
+            "steps": len(inside),
+            "mean_ms": statistics.mean(gaps) * 1e3 if gaps else None,
+            "median_ms": statistics.median(gaps) * 1e3 if gaps else None,
+            "p99_ms": sorted(gaps)[int(len(gaps) * 0.99)] * 1e3 if gaps else None,
+        })  # fmt: skip
+    return out
+
+
 def summarize(v: Variant, p: C.Proc) -> dict:
     parts = C.breakdown(p)
     steps = C.step_intervals(p)
     return {
+        "train_calls": per_train_call(p),
         "variant": v.__dict__,
         "chunks": p.count("chunks.run_chunk") or 1,
         "wall": p.wall,
@@ -89,6 +108,7 @@ def summarize(v: Variant, p: C.Proc) -> dict:
         "step_median_ms": statistics.median(steps) * 1000 if steps else None,
         "steps_timed": len(steps),
         "prefect_server_start": max((s["t1"] - s["t0"] for s in p.spans("prefect.server_start")), default=0.0),
+        "prefect_server_stop": max((s["t1"] - s["t0"] for s in p.spans("prefect.server_stop")), default=0.0),
         "saves": p.count("hf.save"),
         "ledger_calls": p.calls("ledger.")[0],
         "load": C.loadavg()[0],
@@ -151,15 +171,32 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
             ["bucket", "kind", *keys],
             rows,
         )
+    rows = []
+    for v in todo:
+        r = results[v.key]
+        by_kind = {kind: sum(sec for key, sec in r["breakdown"].items() if C.BUCKETS[key][1] == kind)
+                   for kind in ("fixed", "chunk", "save")}  # fmt: skip
+        starts = [c["first_step_after"] for c in r["train_calls"] if c["first_step_after"] is not None]
+        rows.append([v.key, r["chunks"], by_kind["fixed"], by_kind["chunk"] / r["chunks"],
+                     statistics.mean(starts) if starts else None, r["saves"],
+                     by_kind["save"] / r["saves"] * 1e3 if r["saves"] else None])  # fmt: skip
+    report.table(
+        "Fixed, per-chunk and per-save costs (from the buckets above)",
+        ["run", "chunks", "fixed s", "per chunk s", "train() start → 1st step s", "saves",
+         "per save ms (incl. all other ledger calls)"],
+        rows,
+    )
     notes = [
         "fixed = once per run (process start, imports, Prefect server, end-of-run evaluate/export/artifacts); "
         "ratio excl. fixed = (wall − fixed) / (bare wall − bare fixed).",
     ]
     srv = report.data.get("running_server_startup_seconds")
-    temp = [results[v.key]["prefect_server_start"] for v in todo if v.kind == "ckptflow" and v.server == "temp"]
+    temp = [v.key for v in todo if v.kind == "ckptflow" and v.server == "temp"]
     if temp:
+        start = statistics.median(results[k]["prefect_server_start"] for k in temp)
+        stop = statistics.median(results[k]["prefect_server_stop"] for k in temp)
         notes.append(
-            f"Prefect temporary server start inside `ckptflow run`: {statistics.median(temp):.1f}s per run"
+            f"Prefect temporary server inside `ckptflow run`: start {start:.1f}s + stop {stop:.1f}s per run"
             + (f"; a running `prefect server start` took {srv:.1f}s to come up once, then 0 s per run." if srv else ".")
         )
     report.note("\n".join(f"- {n}" for n in notes))
