@@ -332,7 +332,8 @@ def step_intervals(proc: Proc) -> list[float]:
 BUCKETS: dict[str, tuple[str, str]] = {
     "process": ("process start, CLI glue", "fixed"),
     "exit": ("interpreter shutdown after atexit", "fixed"),
-    "imports": ("imports (all processes)", "fixed"),
+    "imports": ("imports", "fixed"),
+    "worker_imports": ("imports in chunk child processes", "chunk"),
     "prefect_server": ("Prefect temporary server start/stop", "fixed"),
     "prefect_engine": ("Prefect flow/task engine (API calls, states)", "chunk"),
     "bookkeeping": ("open run / set status (ledger)", "fixed"),
@@ -448,7 +449,7 @@ def breakdown(proc: Proc, until: float | None = None) -> dict[str, float]:
         self_time = (n["t1"] - n["t0"]) - sum(k["t1"] - k["t0"] for k in n["kids"]) - sum(n["own"].values())
         bucket = "end_of_run" if n["end"] else _bucket_of(n["n"])
         out[bucket] += max(0.0, self_time)
-        out["imports"] += n["own"]["imports"]
+        out["imports" if n["pid"] == proc.main["pid"] else "worker_imports"] += n["own"]["imports"]
         out["end_of_run" if n["end"] else "ledger"] += n["own"]["ledger"]
     return out
 

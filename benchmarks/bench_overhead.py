@@ -174,18 +174,16 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
     rows = []
     for v in todo:
         r = results[v.key]
-        by_kind = {kind: sum(sec for key, sec in r["breakdown"].items() if C.BUCKETS[key][1] == kind)
-                   for kind in ("fixed", "chunk", "save")}  # fmt: skip
+        save_s = sum(sec for key, sec in r["breakdown"].items() if C.BUCKETS[key][1] == "save")
         starts = [c["first_step_after"] for c in r["train_calls"] if c["first_step_after"] is not None]
-        rows.append([v.key, r["chunks"], by_kind["fixed"], by_kind["chunk"] / r["chunks"],
-                     statistics.mean(starts) if starts else None, r["saves"],
-                     by_kind["save"] / r["saves"] * 1e3 if r["saves"] else None])  # fmt: skip
+        rows.append([v.key, r["fixed"], r["chunks"], statistics.mean(starts) if starts else None, r["saves"],
+                     save_s / r["saves"] * 1e3 if r["saves"] else None])  # fmt: skip
     report.table(
-        "Fixed, per-chunk and per-save costs (from the buckets above)",
-        ["run", "chunks", "fixed s", "per chunk s", "train() start → 1st step s", "saves",
-         "per save ms (incl. all other ledger calls)"],
+        "Fixed and per-save costs (from the buckets above)",
+        ["run", "fixed s", "chunks", "each train() call: start → 1st step s", "saves",
+         "per save ms (save buckets, incl. all other ledger calls)"],
         rows,
-    )
+    )  # fmt: skip
     notes = [
         "fixed = once per run (process start, imports, Prefect server, end-of-run evaluate/export/artifacts); "
         "ratio excl. fixed = (wall − fixed) / (bare wall − bare fixed).",
@@ -199,7 +197,37 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
             f"Prefect temporary server inside `ckptflow run`: start {start:.1f}s + stop {stop:.1f}s per run"
             + (f"; a running `prefect server start` took {srv:.1f}s to come up once, then 0 s per run." if srv else ".")
         )
+    notes += _derived(todo, results)
     report.note("\n".join(f"- {n}" for n in notes))
+
+
+def _derived(todo: list[Variant], results: dict[str, dict]) -> list[str]:
+    """Marginal costs from pairs of runs that differ in one thing."""
+    by = {v.key: v for v in todo}
+    out = []
+    longs = [v for v in todo if v.key == "b-long"]
+    if longs and "a-long" in results:
+        a, b = results["a-long"], results["b-long"]
+        var = (b["wall"] - b["fixed"]) / (a["wall"] - a["fixed"])
+        for minutes in (10, 60):
+            t = minutes * 60
+            out.append(
+                f"extrapolated to a {minutes}-minute bare run (same per-step/per-save ratio, same fixed costs): "
+                f"{(var * (t - a['fixed']) + b['fixed']) / t:.3f}×"
+            )
+    ds = sorted((v for v in todo if v.key.startswith("d-")), key=lambda v: results[v.key]["chunks"])
+    if len(ds) >= 2:
+        lo, hi = results[ds[0].key], results[ds[-1].key]
+        if hi["chunks"] > lo["chunks"]:
+            per = (hi["wall"] - lo["wall"]) / (hi["chunks"] - lo["chunks"])
+            out.append(f"one more chunk costs {per:.2f}s ({ds[-1].key} vs {ds[0].key}: wall difference / extra chunks)")
+    if "c" in results and "b-srv" in results and by["c"].total_steps == by["b-srv"].total_steps:
+        c, b = results["c"], results["b-srv"]
+        per = (c["wall"] - b["wall"]) / c["chunks"]
+        imports = c["breakdown"]["worker_imports"] / c["chunks"]
+        out.append(f"launcher=subprocess costs {per:.2f}s per chunk (c vs b-srv), of which re-importing "
+                   f"torch/transformers/TRL in the child {imports:.2f}s")  # fmt: skip
+    return out
 
 
 def _groups(todo: list[Variant]) -> list[list[Variant]]:

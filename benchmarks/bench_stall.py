@@ -71,7 +71,7 @@ def stall(p: C.Proc) -> dict:
 
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
-    total, intervals = (4, [2]) if args.quick else (200, [10, 50, 200])
+    total, intervals = (4, [2]) if args.quick else (200, [10, 50, 100])
     report = C.Report("stall", "5. Checkpoint stall: training blocked per save", args.quick)
     results: dict[str, dict] = {}
     with C.Workdir(args, "stall") as work:
