@@ -119,7 +119,9 @@ def start_stack(root: Path, *, auth_string: str | None = None) -> Iterator[Stack
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = _clean_env(root / "prefect-home", api_url)
-    server_env = {**env, "PREFECT_UI_API_URL": api_url}  # what the UI in a browser calls (README: Team setup)
+    # As in the README: the server's shell has no client settings; PREFECT_UI_API_URL is what browsers call
+    # (without it the UI would call port 4200).
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_UI_API_URL": api_url}
     if auth_string is not None:
         env["PREFECT_API_AUTH_STRING"] = auth_string
         server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string

@@ -89,6 +89,30 @@ def test_each_test_gets_its_own_empty_database(postgres_server, postgres_url):
         postgres_server.drop_database(make_url(other).database)
 
 
+def test_a_stopped_server_leaves_no_process_and_no_directory():
+    import psutil
+
+    from tests.postgres import postgres_server
+
+    with postgres_server() as server:
+        root = server.root
+        postmaster = psutil.Process(int((root / "data" / "postmaster.pid").read_text().split()[0]))
+        family = [postmaster, *postmaster.children(recursive=True)]
+        assert len(family) > 1 and str(root) in " ".join(postmaster.cmdline())
+    assert not root.exists()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert alive == []
+
+
+def test_missing_server_binaries_fail_with_what_to_install(monkeypatch, tmp_path):
+    from tests.postgres import PostgresUnavailable, postgres_server
+
+    monkeypatch.setenv("POSTGRES_BIN_DIR", str(tmp_path))
+    with pytest.raises(PostgresUnavailable, match=r"apt-get install -y postgresql-15.*POSTGRES_BIN_DIR"):
+        with postgres_server():
+            pass
+
+
 # -- schema ------------------------------------------------------------------------------
 def test_opening_a_fresh_database_migrates_it_to_head(ledger_url):
     with Ledger(ledger_url) as ledger:
