@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ckptflow.errors import BadInputError, CkptflowError
+from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Crash-safe, policy-driven LoRA fine-tuning.")
@@ -83,6 +84,8 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run even if the name exists.")] = False,
 ) -> None:
     """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
+    if run_name is not None:
+        validate_run_name(run_name, suffix="-2" if new else "")  # before anything is read or started
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
@@ -194,6 +197,7 @@ def checkpoints(
     as_json: JsonOpt = False,
 ) -> None:
     """Committed (or all) checkpoints of a run."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.views import checkpoints_view
 
     ledger = _ledger(_settings(config))
@@ -211,6 +215,7 @@ def checkpoints(
 @_exits
 def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-hash every committed checkpoint and look for partial ones; exit 1 when any file differs or is missing."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.recovery import verify_run
     from ckptflow.runs import get_run
 
@@ -249,6 +254,7 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply the retention policy now (the run's recorded policy, or --config's)."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.retention import apply_retention
     from ckptflow.runs import get_run, run_settings
 
@@ -283,23 +289,30 @@ def export(
     step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory.")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier ckptflow export at --out.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export the best (or --step) verified checkpoint as a model transformers can load."""
-    from ckptflow.pipeline import export_run
+    """Export the best (or --step) verified checkpoint as a model transformers can load.
+
+    --out must be new, empty, or an earlier ckptflow export (then --force is needed); never
+    a file, a foreign directory, or anything inside the home's runs/ or containing the home.
+    """
+    validate_run_name(run_name, option="the RUN argument")
+    from ckptflow.pipeline import check_export_target, export_run
     from ckptflow.quiet import quiet_libraries
     from ckptflow.runs import get_run, run_settings
 
     quiet_libraries()
     settings = _settings(config)
+    check_export_target(settings, run_name, out=out_dir, force=force)  # before the ledger is opened
     ledger = _ledger(settings)
     try:
         recorded = run_settings(get_run(ledger, run_name))
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None)
+    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force)
     if as_json:
         _emit_json(result)
         return
