@@ -300,13 +300,15 @@ def export(
     a file, a foreign directory, or anything inside the home's runs/ or containing the home.
     """
     validate_run_name(run_name, option="the RUN argument")
-    from ckptflow.pipeline import check_export_target, export_run
+    from ckptflow.export import export_target
+
+    settings = _settings(config)
+    export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
+    from ckptflow.pipeline import export_run
     from ckptflow.quiet import quiet_libraries
     from ckptflow.runs import get_run, run_settings
 
     quiet_libraries()
-    settings = _settings(config)
-    check_export_target(settings, run_name, out=out_dir, force=force)  # before the ledger is opened
     ledger = _ledger(settings)
     try:
         recorded = run_settings(get_run(ledger, run_name))

@@ -21,12 +21,15 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptflow import faults
 from ckptflow.errors import BadInputError, CkptflowError
-from ckptflow.ledger import CheckpointRecord, RunRecord
 from ckptflow.paths import BUILTIN_DIR, DATA_CACHE_DIR, EXPORTS_DIR, PREFECT_RESULTS_DIR, RUNS_DIR, contained, is_within
+
+if TYPE_CHECKING:  # the ledger (SQLAlchemy, Alembic) is not imported to refuse a bad --out
+    from ckptflow.ledger import CheckpointRecord, RunRecord
+    from ckptflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,26 @@ def check_export_target(target: Path, *, home: Path, ledger_file: Path | None, e
         if explicit and not force:
             raise ExportTargetError(f"{shown} holds an earlier ckptflow export: pass --force to replace it, or {fix}")
     return real
+
+
+def export_target(settings: Settings, run_name: str, *, out: Path | None, force: bool = False) -> Path:
+    """Where an export of `run_name` goes (`out`, else exports/<run>), once `check_export_target` allows it."""
+    target = out if out is not None else settings.export_dir(run_name)
+    return check_export_target(
+        target, home=settings.home, ledger_file=_ledger_file(settings.ledger), explicit=out is not None, force=force
+    )
+
+
+def _ledger_file(ledger_url: str) -> Path | None:
+    """The SQLite ledger's file (None for a server database, or a URL that opening the ledger will report)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(ledger_url)
+    except ArgumentError:
+        return None
+    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
 
 
 def _is_export(path: Path) -> bool:

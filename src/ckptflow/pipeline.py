@@ -166,29 +166,6 @@ def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
         ledger.close()
 
 
-def _ledger_file(settings: Settings) -> Path | None:
-    """The SQLite ledger's file (None for a server database)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(settings.ledger)
-    except ArgumentError:  # opening the ledger reports it
-        return None
-    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
-
-
-def check_export_target(settings: Settings, run_name: str, *, out: Path | None, force: bool = False) -> Path:
-    """Where an export of `run_name` goes (`out`, else exports/<run>), once it is proven safe to (re)place there.
-
-    Raises ExportTargetError (exit 2): see `export.check_export_target`.
-    """
-    from ckptflow.export import check_export_target as check
-
-    target = out if out is not None else settings.export_dir(run_name)
-    return check(target, home=settings.home, ledger_file=_ledger_file(settings), explicit=out is not None, force=force)
-
-
 def export_run(
     settings: Settings,
     run_name: str,
@@ -202,11 +179,11 @@ def export_run(
 
     An explicit `out` that holds an earlier export is replaced only with `force`.
     """
-    from ckptflow.export import export_checkpoint
+    from ckptflow.export import export_checkpoint, export_target
     from ckptflow.modeling import load_base_model, load_tokenizer, resolve_model
     from ckptflow.selection import choose_checkpoint
 
-    target = check_export_target(settings, run_name, out=out, force=force)
+    target = export_target(settings, run_name, out=out, force=force)
     faults.configure(settings.fault)
     ledger = Ledger(settings.ledger)
     try:
