@@ -109,10 +109,13 @@ def contained(root: Path, *parts: str) -> Path:
     to the root itself.
     """
     root = Path(root)
-    path = root.joinpath(*parts)
-    real_root, real_path = root.resolve(), path.resolve()
+    shown = "/".join(parts)
+    try:
+        path = root.joinpath(*parts)
+        real_root, real_path = root.resolve(), path.resolve()
+    except (ValueError, OSError) as exc:  # e.g. an embedded NUL byte
+        raise PathOutsideRootError(f"refusing path {shown!r} under {root}: {exc}; use a plain name") from None
     if real_path == real_root or real_root not in real_path.parents:
-        shown = "/".join(parts)
         raise PathOutsideRootError(
             f"refusing path {shown!r}: it resolves to {real_path}, which is not inside {real_root}; "
             "use a plain name (a run name, or a CKPTFLOW_HOME without symlinks leading out of it)"
