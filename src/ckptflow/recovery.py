@@ -36,6 +36,7 @@ from ckptflow.integrity import (
     verify_checkpoint,
 )
 from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger
+from ckptflow.paths import QUARANTINE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -274,9 +275,27 @@ def _written_by_ckptflow(path: Path, row: CheckpointRecord) -> bool:
     return bool(row.manifest_sha256) and manifest_sha256(path) == row.manifest_sha256
 
 
+def _unlisted_files(path: Path) -> list[str]:
+    """Files below a checkpoint dir that its manifest does not list: someone else put them there."""
+    manifest = read_manifest(path)
+    listed = {f.path for f in manifest.files} if manifest else set()
+    found = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(f for f in found if f not in listed and f != MANIFEST_NAME)
+
+
 def _delete_checkpoint_dir(path: Path) -> None:
-    """Rename to `.pruning-<name>` (atomic), then delete what was renamed; nothing else is touched."""
+    """Rename to `.pruning-<name>` (atomic), then delete what was renamed; nothing else is touched.
+
+    A directory holding files its manifest does not list is moved to the run's quarantine
+    instead (with the reason), so those files survive.
+    """
     if not path.is_dir():
+        return
+    unlisted = _unlisted_files(path)
+    if unlisted:
+        reason = f"pruned, but kept: it holds files ckptflow did not write ({', '.join(unlisted[:5])})"
+        dest = quarantine(path, path.parent.with_name(QUARANTINE_DIR), reason)
+        log.warning("checkpoint-%s %s; moved to %s", checkpoint_step(path), reason, dest)
         return
     pending = _pruning_name(path)
     os.replace(path, pending)
