@@ -288,17 +288,13 @@ def prune(
 def export(
     run_name: Annotated[str, typer.Argument()],
     step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory: new, empty, or an earlier export (with --force).")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an earlier ckptflow export at --out.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Export the best (or --step) verified checkpoint as a model transformers can load.
-
-    --out must be new, empty, or an earlier ckptflow export (then --force is needed); never
-    a file, a foreign directory, or anything inside the home's runs/ or containing the home.
-    """
+    """Export the best (or --step) verified checkpoint as a model transformers can load."""
     validate_run_name(run_name, option="the RUN argument")
     from ckptflow.export import export_target
 
