@@ -213,3 +213,23 @@ def test_the_default_target_is_refused_when_ckptflow_did_not_write_it(home):
     (home / "exports" / "mine" / "weights.bin").write_bytes(b"x")
     with pytest.raises(ExportTargetError, match="pass --out DIR"):
         _check(home / "exports" / "mine", home, explicit=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [("base", True), ("odd.name-1_", True), ("..", False), ("a/b", False), ("a" * 101, False), ("", False)],
+)
+def test_the_finetune_deployment_form_refuses_bad_names(name, accepted):
+    """The flow's parameter schema (what the Prefect UI form and deployment runs validate against) holds the grammar."""
+    import jsonschema
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.finetune import finetune
+
+    schema = parameter_schema(finetune.fn).model_dump_for_openapi()
+    document = {"run_name": name}
+    if accepted:
+        jsonschema.validate(document, schema)
+    else:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(document, schema)
