@@ -1,7 +1,17 @@
 """The SQL ledger of runs, checkpoints, attempts, exports and run leases."""
 
 from ckptflow.ledger.models import AttemptStatus, CheckpointState, RunStatus
-from ckptflow.ledger.store import AttemptRecord, CheckpointRecord, ExportRecord, Ledger, RunRecord, head_revision
+from ckptflow.ledger.store import (
+    AttemptRecord,
+    CheckpointRecord,
+    ExportRecord,
+    Fence,
+    Ledger,
+    RunRecord,
+    head_revision,
+    held_fence,
+    holding,
+)
 
 __all__ = [
     "AttemptRecord",
@@ -9,8 +19,11 @@ __all__ = [
     "CheckpointRecord",
     "CheckpointState",
     "ExportRecord",
+    "Fence",
     "Ledger",
     "RunRecord",
     "RunStatus",
     "head_revision",
+    "held_fence",
+    "holding",
 ]

@@ -152,7 +152,11 @@ class Export(Base):
 
 
 class Lease(Base):
-    """At most one writer per run: who holds it, where, and when it last proved it is alive."""
+    """At most one writer per run: who holds it, where, and when it last proved it is alive.
+
+    `token` grows by one on every acquisition and is never reset (a released lease keeps its
+    row, with holder ''): a write fenced by (holder, token) is refused once anyone took over.
+    """
 
     __tablename__ = "leases"
 
@@ -162,3 +166,4 @@ class Lease(Base):
     pid: Mapped[int] = mapped_column(Integer)
     acquired_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+    token: Mapped[int] = mapped_column(BigInteger, server_default="0")
