@@ -402,12 +402,11 @@ class Ledger:
     # -- paths -----------------------------------------------------------------------
     def _stored(self, path: str | Path) -> str:
         """How a path is stored: relative to the home (POSIX) when inside it, else absolute."""
-        p = Path(path)
-        if self.home is None or not p.is_absolute():
-            return str(p)
-        resolved = _resolved(p)
+        if self.home is None:
+            return str(path)
+        resolved = _resolved(Path(path))
         if resolved == self.home or not resolved.is_relative_to(self.home):
-            return str(p)
+            return str(resolved)
         return resolved.relative_to(self.home).as_posix()
 
     def _absolute(self, stored: str) -> str:
