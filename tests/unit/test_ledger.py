@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, insert, text, update
+from sqlalchemy.exc import IntegrityError
 
 from ckptflow.errors import LeaseLostError, RunLockedError
 from ckptflow.ledger import (
@@ -434,7 +435,8 @@ def test_promotion_leaves_exactly_one_promoted_export(ledger):
     ck = ledger.commit_checkpoint(run.id, 4, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/c/checkpoint-4")
     ids = [ledger.record_export(run.id, checkpoint_id=ck.id, path=f"/e/{i}", merged=True, metrics={}).id for i in range(3)]
     ledger.set_promoted(ids[0], True)
-    ledger.set_promoted(ids[1], True)  # two promoted, as an old two-step promotion killed halfway left it
+    with pytest.raises(IntegrityError):  # two champions: refused by the schema itself
+        ledger.set_promoted(ids[1], True)
     for winner in (ids[2], ids[0], ids[0]):
         ledger.promote_export(winner)
         assert [e.id for e in ledger.exports() if e.promoted] == [winner]

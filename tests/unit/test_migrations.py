@@ -109,3 +109,16 @@ def test_downgrade_to_0001_restores_absolute_paths(tmp_path):
     [ckpts, cols] = _sql(url, [("SELECT path FROM checkpoints", {}), ("PRAGMA table_info(leases)", {})])
     assert ckpts == [(f"{home}/runs/r/checkpoints/checkpoint-4",)]
     assert "token" not in [c[1] for c in cols]
+
+
+def test_upgrade_keeps_only_the_newest_of_two_promoted_exports(tmp_path):
+    """What an interrupted two-step promotion of 0001's code could leave: the newest had already won."""
+    home = tmp_path / "home"
+    home.mkdir()
+    url = f"sqlite:///{home / 'ledger.db'}"
+    _ledger_at(url, "0001")
+    _write_0001_rows(url, str(home), f"{home}/runs/r/checkpoints/checkpoint-4", f"{home}/exports/r")
+    _sql(url, [("INSERT INTO exports (id, run_id, checkpoint_id, path, merged, metrics, promoted, created_at) "
+                "VALUES (2, 1, 1, :p, 1, '{}', 1, :now)", {"p": f"{home}/exports/r-2", "now": NOW})])
+    with Ledger(url) as led:
+        assert [(e.id, e.promoted) for e in led.exports()] == [(1, False), (2, True)]

@@ -42,7 +42,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, case, create_engine, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -740,19 +740,18 @@ class Ledger:
                 raise KeyError(f"no export with id {export_id}")
 
     def promote_export(self, export_id: int) -> None:
-        """Make `export_id` the only promoted export: one UPDATE in one transaction, so a crash
-        leaves either the old champion or the new one promoted, never none or two.
+        """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
+        old champion or the new one promoted, never none or two.
 
-        Raises KeyError (changing nothing) if there is no such export.
+        Un-promote first, then promote: the unique index `uq_exports_one_promoted` (checked per
+        row on PostgreSQL) never sees two, and a concurrent promotion fails on it instead of
+        leaving two champions. Raises KeyError (changing nothing) if there is no such export.
         """
         with self._write.begin() as s:
             if s.get(Export, export_id) is None:
                 raise KeyError(f"no export with id {export_id}")
-            s.execute(
-                update(Export)
-                .where((Export.id == export_id) | Export.promoted.is_(True))
-                .values(promoted=case((Export.id == export_id, True), else_=False))
-            )
+            s.execute(update(Export).where(Export.promoted.is_(True), Export.id != export_id).values(promoted=False))
+            s.execute(update(Export).where(Export.id == export_id).values(promoted=True))
 
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
         """Exports (of one run, or all), oldest first."""

@@ -7,6 +7,8 @@
 2. `runs.config["settings"]` no longer records `home` / `ledger_url`: the current settings
    say where files are, never the recorded ones.
 3. `leases.token`: grows on every acquisition; writes are fenced by (holder, token).
+4. At most one promoted export (a partial unique index). Should an interrupted two-step
+   promotion of older versions have left two, the newest stays promoted (as it already won).
 
 Revision ID: 0002
 Revises: 0001
@@ -37,7 +39,15 @@ _runs = sa.table("runs", sa.column("id", sa.Integer), sa.column("config", sa.JSO
 _checkpoints = sa.table(
     "checkpoints", sa.column("id", sa.Integer), sa.column("run_id", sa.Integer), sa.column("path", sa.Text)
 )
-_exports = sa.table("exports", sa.column("id", sa.Integer), sa.column("run_id", sa.Integer), sa.column("path", sa.Text))
+_exports = sa.table(
+    "exports",
+    sa.column("id", sa.Integer),
+    sa.column("run_id", sa.Integer),
+    sa.column("path", sa.Text),
+    sa.column("promoted", sa.Boolean),
+)
+# The partial unique index that allows one promoted export.
+_ONE_PROMOTED = "uq_exports_one_promoted"
 
 
 def _sqlite_dir(bind: sa.Connection) -> str | None:
@@ -97,10 +107,23 @@ def upgrade() -> None:
     _unpin_settings(bind)  # (2)
     with op.batch_alter_table("leases") as batch:  # (3)
         batch.add_column(sa.Column("token", sa.BigInteger(), nullable=False, server_default="0"))
+    _one_champion(bind)  # (4)
+    op.create_index(
+        _ONE_PROMOTED, "exports", ["promoted"], unique=True,
+        sqlite_where=sa.text("promoted"), postgresql_where=sa.text("promoted"),
+    )
+
+
+def _one_champion(bind: sa.Connection) -> None:
+    promoted = _exports.c.promoted
+    newest = bind.execute(sa.select(sa.func.max(_exports.c.id)).where(promoted.is_(True))).scalar()
+    if newest is not None:
+        bind.execute(sa.update(_exports).where(promoted.is_(True), _exports.c.id != newest).values(promoted=False))
 
 
 def downgrade() -> None:
     """Back to absolute paths, against the SQLite file's directory (the only home known here)."""
+    op.drop_index(_ONE_PROMOTED, table_name="exports")
     with op.batch_alter_table("leases") as batch:
         batch.drop_column("token")
     bind = op.get_bind()
