@@ -215,12 +215,16 @@ def _token(ledger: Ledger, run_id: int) -> int:
         return s.execute(text("SELECT COALESCE(MAX(token), 0) FROM leases WHERE run_id = :r"), {"r": run_id}).scalar()
 
 
-def test_paths_of_checkpoints_written_by_a_chunk_are_relative_in_the_ledger(completed_home):
+def test_the_ledger_of_a_real_run_pins_no_home(completed_home):
+    """Checkpoint and export paths are relative, and the recorded settings name no home or ledger URL."""
+    import json
     import sqlite3
 
     con = sqlite3.connect(Path(completed_home) / "ledger.db")
     try:
-        paths = [p for (p,) in con.execute("SELECT path FROM checkpoints")]
+        paths = [p for (p,) in con.execute("SELECT path FROM checkpoints UNION ALL SELECT path FROM exports")]
+        [config] = [json.loads(c) for (c,) in con.execute("SELECT config FROM runs")]
     finally:
         con.close()
-    assert paths and all(p.startswith("runs/base/checkpoints/checkpoint-") for p in paths), paths
+    assert sorted(paths) == ["exports/base", "runs/base/checkpoints/checkpoint-2", "runs/base/checkpoints/checkpoint-4"]
+    assert not {"home", "ledger_url"} & set(config["settings"])
