@@ -21,7 +21,7 @@ from collections.abc import Callable
 from ckptflow import faults
 from ckptflow.errors import InsufficientDiskError, LeaseLostError
 from ckptflow.integrity import dir_bytes, quarantine, write_manifest
-from ckptflow.lease import lease_holder_id
+from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, flows, drills import it from here)
 from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRecord, holding
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point

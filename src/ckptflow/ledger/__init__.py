@@ -1,16 +1,14 @@
 """The SQL ledger of runs, checkpoints, attempts, exports and run leases."""
 
+from ckptflow.ledger.fencing import Fence, held_fence, holding
 from ckptflow.ledger.models import AttemptStatus, CheckpointState, RunStatus
 from ckptflow.ledger.store import (
     AttemptRecord,
     CheckpointRecord,
     ExportRecord,
-    Fence,
     Ledger,
     RunRecord,
     head_revision,
-    held_fence,
-    holding,
 )
 
 __all__ = [

@@ -30,10 +30,9 @@ import contextlib
 import math
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -49,6 +48,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ckptflow.errors import LeaseLostError, RunLockedError
+from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -77,52 +77,8 @@ LEASE_TTL_SECONDS = 60.0
 LEASE_HEARTBEAT_SECONDS = LEASE_TTL_SECONDS / 4
 # Holder of a released lease (the row stays, so its token keeps growing).
 _NO_HOLDER = ""
-# Rounds of read → compare-and-swap before acquire_lease gives up on a contended lease.
+# Rounds of read → compare-and-swap before take_lease gives up on a contended lease.
 _LEASE_CAS_ROUNDS = 20
-
-
-@dataclass(frozen=True)
-class Fence:
-    """A lease as one acquisition holds it: writes on its behalf are refused once it was taken over."""
-
-    run_id: int
-    holder: str
-    token: int
-
-
-@dataclass(frozen=True)
-class LeaseGrant:
-    fence: Fence
-    taken_over: str | None  # who held it before, if it was taken over
-
-
-# Fences held by this process, by (ledger URL, run id): writes to that run through any
-# Ledger on that URL are checked against them (see `holding`).
-_held_fences: dict[tuple[str, int], Fence] = {}
-_held_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def holding(url: str, fence: Fence) -> Iterator[None]:
-    """While inside, every write this process makes to `fence.run_id` on `url` is fenced by it."""
-    key = (url, fence.run_id)
-    with _held_lock:
-        outer = _held_fences.get(key)
-        _held_fences[key] = fence
-    try:
-        yield
-    finally:
-        with _held_lock:
-            if outer is None:
-                _held_fences.pop(key, None)
-            else:
-                _held_fences[key] = outer
-
-
-def held_fence(url: str, run_id: int) -> Fence | None:
-    """The fence this process holds on the run (see `holding`), if any."""
-    with _held_lock:
-        return _held_fences.get((url, run_id))
 
 
 # -- records ---------------------------------------------------------------------------
@@ -947,12 +903,8 @@ __all__ = [
     "AttemptRecord",
     "CheckpointRecord",
     "ExportRecord",
-    "Fence",
-    "LeaseGrant",
     "Ledger",
     "RunRecord",
     "head_revision",
-    "held_fence",
-    "holding",
     "make_engine",
 ]
