@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ckptflow import faults, pipeline
-from ckptflow.chunks import AttemptPlan, ChunkJob, run_chunk, train_attempt
+from ckptflow.chunks import AttemptPlan, ChunkJob, run_chunk
 from ckptflow.errors import LeaseLostError
 from ckptflow.integrity import MANIFEST_NAME, write_manifest
 from ckptflow.lease import hold_lease
@@ -41,13 +41,17 @@ def _intrude(settings, run_id: int) -> int:
         return ledger.take_lease(run_id, "intruder", ttl_seconds=0).fence.token
 
 
-def test_a_chunk_whose_lease_was_taken_over_before_its_first_save_commits_nothing(home):
+@pytest.mark.parametrize("launcher", ["inprocess", "subprocess"])
+def test_a_chunk_whose_lease_was_taken_over_before_its_first_save_commits_nothing(home, launcher):
+    """The fence travels with the attempt's plan, into a child process too."""
+    from ckptflow.launchers import launcher as launch_with
+
     settings = settings_for(home, train={"chunk_steps": 2})
     job, run_id = _first_chunk_job(settings, "fenced", "trainer")
 
     def taken_over_then_train(job: ChunkJob, plan: AttemptPlan) -> None:
         _intrude(settings, run_id)  # between the attempt's start and its trainer's first save
-        train_attempt(job, plan)
+        launch_with(launcher)(job, plan)
 
     with hold_lease(settings.ledger, run_id, "trainer"):
         with pytest.raises(LeaseLostError, match="took it over"):  # its heartbeat at step 1 finds out
