@@ -15,7 +15,7 @@ from ckptflow.planning import chunk_plan
 from ckptflow.quiet import quiet_libraries
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
-from tasks.reporting import RunProgress, publish_run_artifacts
+from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -51,7 +51,7 @@ def train_all_chunks(settings: Settings, run_name: str, total_steps: int, progre
 def _steps_done(settings: Settings, run_name: str) -> int:
     from ckptflow.ledger import CheckpointState, Ledger
 
-    with Ledger(settings.ledger) as ledger:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
         run = ledger.get_run(run_name)
         steps = [c.step for c in ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])] if run else []
     return max(steps, default=0)
@@ -93,8 +93,16 @@ def finetune(
             pipeline.set_status(settings, name, RunStatus.COMPLETED)
             result["status"] = "completed"
         except BaseException:
-            pipeline.set_status(settings, name, RunStatus.FAILED)
+            _mark_failed(settings, name)
             raise
         finally:
-            publish_run_artifacts(settings, name)
+            publish_quietly(publish_run_artifacts, settings, name)
     return result
+
+
+def _mark_failed(settings: Settings, name: str) -> None:
+    """Record the failure if we can; never let that replace the error being raised (e.g. a lost lease refuses it)."""
+    try:
+        pipeline.set_status(settings, name, RunStatus.FAILED)
+    except Exception as exc:  # noqa: BLE001
+        get_run_logger().warning("could not mark run %s failed (%s: %s)", name, type(exc).__name__, exc)

@@ -15,7 +15,7 @@ from ckptflow.quiet import quiet_libraries
 from flows.finetune import finetune, resolve_settings
 from tasks.pipeline import prepare_data
 from tasks.promotion import find_champion, judge_challenger, record_decision
-from tasks.reporting import publish_decision
+from tasks.reporting import publish_decision, publish_quietly
 
 
 @flow(name="retrain")
@@ -57,7 +57,7 @@ def retrain(
 
 def _finish(record: promotion.DecisionRecord, logger: Any, name: str = "Completed") -> State:
     """Publish the decision and end the flow run with it as the state message."""
-    publish_decision(record)
+    publish_quietly(publish_decision, record)
     logger.info("retrain: %s — %s", record.action, record.reason)
     message = record.reason if record.action == "skip" else f"{record.action}: {record.reason}"
     return Completed(name=name, message=message, data=record.to_json())

@@ -74,7 +74,7 @@ def _settings(config: Path | None) -> Settings:
 def _ledger(settings: Settings):
     from ckptflow.ledger import Ledger
 
-    return Ledger(settings.ledger)
+    return Ledger(settings.ledger, home=settings.home)
 
 
 @app.command()
@@ -300,7 +300,8 @@ def export(
 
     settings = _settings(config)
     export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
-    from ckptflow.pipeline import export_run
+    from ckptflow.lease import lease_holder_id
+    from ckptflow.pipeline import export_run, run_lease
     from ckptflow.quiet import quiet_libraries
     from ckptflow.runs import get_run, run_settings
 
@@ -311,7 +312,10 @@ def export(
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force)
+    with run_lease(recorded, run_name, lease_holder_id()):  # never beside a live training run of `run_name`
+        result = export_run(
+            recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force
+        )
     if as_json:
         _emit_json(result)
         return

@@ -1,7 +1,7 @@
 """Champion/challenger for scheduled retraining: skip, compare, promote, record.
 
-The champion is the export marked `promoted` in the ledger (the newest one, should a crash
-leave two). `$CKPTFLOW_HOME/exports/champion.json` points at it for whoever serves the
+The champion is the export marked `promoted` in the ledger (exactly one: promotion flips
+the flags in one transaction). `$CKPTFLOW_HOME/exports/champion.json` points at it for whoever serves the
 model, the symlink `exports/champion` makes it loadable by path, and every decision
 (promote, keep, skip) is appended to `exports/decisions.jsonl`.
 
@@ -279,11 +279,12 @@ def _point_link(exports_dir: Path, target: Path) -> str | None:
 
 
 def _promote(ledger: Ledger, home: Path, export: ExportRecord, run_name: str, data_fingerprint: str) -> Path:
-    """Mark `export` promoted (then un-mark the others), and point champion.json and the symlink at it."""
-    ledger.set_promoted(export.id, True)  # first: a crash in between leaves the newest promoted, which wins
-    for other in ledger.exports():
-        if other.promoted and other.id != export.id:
-            ledger.set_promoted(other.id, False)
+    """Mark `export` the only promoted one (one transaction), then point champion.json and the symlink at it.
+
+    The ledger is the truth: a crash before the pointer files are updated leaves them at the
+    previous champion until the next promotion rewrites them.
+    """
+    ledger.promote_export(export.id)
     exports_dir = home / "exports"
     exports_dir.mkdir(parents=True, exist_ok=True)
     pointer = {

@@ -112,7 +112,9 @@ def open_run(
     if existing is not None:
         _refuse_changed(existing, settings, data_fingerprint)
         return OpenedRun(existing, created=False)
-    config = {CONFIG_SETTINGS: settings.to_json(), CONFIG_DATA_FINGERPRINT: data_fingerprint}
+    # Not where the home or ledger is: a moved home must not be located through the recorded settings.
+    recorded = {k: v for k, v in settings.to_json().items() if k not in ("home", "ledger_url")}
+    config = {CONFIG_SETTINGS: recorded, CONFIG_DATA_FINGERPRINT: data_fingerprint}
     run = ledger.create_run(
         name,
         fingerprint=fingerprint,
