@@ -191,7 +191,7 @@ def export_run(
         ckpt, notes = choose_checkpoint(ledger, run, settings, step=step)
         resolved = resolve_model(settings.model.name_or_path, settings.home)
         merged = settings.export.merge if merge is None else merge
-        metrics = {**ckpt.metrics, **{k: v for k, v in run.metrics.items() if k.startswith(("best_", "base_"))}}
+        metrics = export_metrics(ckpt.step, ckpt.metrics, run.metrics)
         result = export_checkpoint(
             run=run,
             checkpoint=ckpt,
@@ -218,6 +218,15 @@ def export_run(
         }
     finally:
         ledger.close()
+
+
+def export_metrics(step: int, checkpoint_metrics: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What an export's card and provenance report: the exported step's own metrics, the base model's,
+    and the end-of-run evaluation of the best checkpoint only when that is the step exported."""
+    metrics = {**checkpoint_metrics, **{k: v for k, v in evaluation.items() if k.startswith("base_")}}
+    if evaluation.get("best_step") == step:
+        metrics.update({k: v for k, v in evaluation.items() if k.startswith("best_")})
+    return metrics
 
 
 @contextmanager

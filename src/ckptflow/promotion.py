@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ckptflow.evaluation import EVAL_LOSS
-from ckptflow.export import PROVENANCE_NAME
+from ckptflow.export import LOCAL_MODEL_PREFIX, PROVENANCE_NAME
 from ckptflow.ledger import ExportRecord, Ledger
 from ckptflow.runs import CONFIG_DATA_FINGERPRINT
 from ckptflow.settings import Settings
@@ -175,8 +175,11 @@ def read_pointer(home: Path) -> dict[str, Any] | None:
 # -- comparing -------------------------------------------------------------------------------------
 
 
-def _load_export(path: Path, home: Path) -> Any:
-    """A model from an export directory: merged weights directly, an adapter on its base model."""
+def _load_export(path: Path, settings: Settings) -> Any:
+    """A model from an export directory: merged weights directly, an adapter on its base model.
+
+    An export names a local base model only as `local:<name>` (it says nothing about the machine
+    it was trained on); the adapter is then loaded onto this run's base model."""
     provenance = json.loads((path / PROVENANCE_NAME).read_text())
     if provenance.get("merged", True):
         from transformers import AutoModelForCausalLM
@@ -186,7 +189,10 @@ def _load_export(path: Path, home: Path) -> Any:
 
     from ckptflow.modeling import load_base_model, resolve_model
 
-    return PeftModel.from_pretrained(load_base_model(resolve_model(provenance["base_model"], home)), str(path))
+    base = provenance["base_model"]
+    if base.startswith(LOCAL_MODEL_PREFIX):
+        base = settings.model.name_or_path
+    return PeftModel.from_pretrained(load_base_model(resolve_model(base, settings.home)), str(path))
 
 
 def evaluate_exports(settings: Settings, exports: dict[str, Path]) -> tuple[dict[str, dict[str, float]], int]:
@@ -202,7 +208,7 @@ def evaluate_exports(settings: Settings, exports: dict[str, Path]) -> tuple[dict
     if data.eval is None:
         return {}, 0
     scores = {
-        name: evaluate_model(_load_export(path, settings.home), data.eval, tokenizer, settings)
+        name: evaluate_model(_load_export(path, settings), data.eval, tokenizer, settings)
         for name, path in exports.items()
     }
     return scores, data.eval_rows
