@@ -46,6 +46,10 @@ from ckptflow.training import (
 log = logging.getLogger(__name__)
 
 
+# Environment variable that hands a child process the ledger URL (never written into the job file).
+LEDGER_URL_ENV = "CKPTFLOW_LEDGER_URL"
+
+
 @dataclass(frozen=True)
 class ChunkJob:
     """A chunk to train; plain JSON so a child process can receive it."""
@@ -62,11 +66,22 @@ class ChunkJob:
     prefect_task_run_id: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """The job for a child process, without the ledger URL (it may carry a password: see `child_env`)."""
+        document = asdict(self)
+        del document["ledger_url"]
+        return json.dumps(document)
 
     @classmethod
-    def from_json(cls, text: str) -> ChunkJob:
-        return cls(**json.loads(text))
+    def from_json(cls, text: str, ledger_url: str | None = None) -> ChunkJob:
+        """Rebuild a job written by `to_json`; the ledger URL comes from `ledger_url` or the environment."""
+        url = ledger_url or os.environ.get(LEDGER_URL_ENV)
+        if not url:
+            raise RuntimeError(f"the chunk job needs the ledger URL in {LEDGER_URL_ENV}")
+        return cls(ledger_url=url, **json.loads(text))
+
+    def child_env(self) -> dict[str, str]:
+        """Environment a child process needs to run this job: the ledger URL, kept out of every file."""
+        return {LEDGER_URL_ENV: self.ledger_url}
 
     @classmethod
     def for_chunk(cls, settings: Settings, run_name: str, chunk: Chunk, **extra: Any) -> ChunkJob:
@@ -77,7 +92,7 @@ class ChunkJob:
             chunk=chunk.index,
             start_step=chunk.start_step,
             end_step=chunk.end_step,
-            settings=settings.to_json(),
+            settings={k: v for k, v in settings.to_json().items() if k != "ledger_url"},  # see `to_json`
             **extra,
         )
 

@@ -84,7 +84,7 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         plan_file.write_text(plan.to_json())
         command = [arg.replace("{job}", str(job_file)).replace("{plan}", str(plan_file)) for arg in command]
         # The child dies with us (worker.py sets PDEATHSIG): no orphan keeps writing after `kill -9` of the flow.
-        env = {**CHILD_ENV_DEFAULTS, **os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**CHILD_ENV_DEFAULTS, **os.environ, **job.child_env(), PARENT_PID_ENV: str(os.getpid())}
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         try:
             tail = _stream(proc, job.chunk)

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     quiet_libraries()
     try:
-        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))
+        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))  # ledger URL: env
     except InsufficientDiskError as exc:
         _report(exc)
         return EXIT_DISK_FULL
