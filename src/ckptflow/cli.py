@@ -27,6 +27,7 @@ for _key, _value in {
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckptflow.errors import BadInputError, CkptflowError
@@ -51,10 +52,10 @@ def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # a name may hold [ ]
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
-            err.print(f"[bold red]failed:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper

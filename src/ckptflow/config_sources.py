@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -84,7 +85,7 @@ class Variable:
 
 def read_toml(path: Path) -> TomlConfig:
     """Parse `path`; ConfigError (naming the file and what to change) when it can't be read."""
-    path = path.expanduser().absolute()
+    path = _absolute(path)
     try:
         text = path.read_text(encoding="utf-8")
         data = tomllib.loads(text)
@@ -295,10 +296,15 @@ def _update(data: dict[str, Any], key: tuple[str, ...], fn) -> None:
         holder[key[-1]] = fn(value)
 
 
+def _absolute(path: Path) -> Path:
+    # Normalizes `..` without resolving symlinks: the path the user wrote, made absolute.
+    return Path(os.path.abspath(path.expanduser()))
+
+
 def _resolve_path(value: str, base: Path) -> str:
     if value.startswith(_BUILTIN_PREFIX):
         return value
-    return str(base / Path(value).expanduser())  # an absolute value stays as it is
+    return str(_absolute(base / Path(value).expanduser()))  # an absolute value stays as it is
 
 
 def _resolve_model(value: str, base: Path) -> str:
@@ -315,4 +321,4 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     m = re.match(r"^(sqlite(\+\w+)?:///)([^?]*)(\?.*)?$", url)
     if not m or not m[3] or m[3] == ":memory:" or m[3].startswith(("/", "file:")):
         return url
-    return f"{m[1]}{base / Path(m[3]).expanduser()}{m[4] or ''}"
+    return f"{m[1]}{_absolute(base / Path(m[3]).expanduser())}{m[4] or ''}"
