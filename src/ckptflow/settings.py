@@ -2,7 +2,9 @@
 
 Sources, highest first: explicit overrides (CLI options) → environment (`CKPTFLOW_`,
 nested with `__`) → `.env` → the TOML file given by `--config` → defaults. Field names
-follow HF `TrainingArguments` where one exists.
+follow HF `TrainingArguments` where one exists. A name no setting has is refused (see
+`config_sources`); relative paths in the TOML file resolve against the file's directory.
+Every message names the env var and TOML key to change.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _LOWER_IS_BETTER = re.compile(r"(loss|perplexity|ppl)$")
 _HIGHER_IS_BETTER = re.compile(r"(accuracy|f1|bleu|rouge\w*|exact_match)$")
 
 # Upper bounds that only catch typos: no real run comes near them.
-_MAX_COUNT = 2**31 - 1  # steps, limits, retries: Prefect and torch keep such counters as 32-bit ints
+_MAX_COUNT = 2**31 - 1  # steps, limits, retries: 32-bit database ints (Prefect's retries); 2**31 steps take years
 _MAX_SEED = 2**32 - 1  # numpy's seed range (HF set_seed seeds numpy too)
 _MAX_WIDTH = 2**16  # LoRA rank/alpha: wider than any model layer; a rank can't exceed the layer width
 _MAX_BATCH = 2**16  # sequences per device per micro-batch
@@ -435,13 +437,21 @@ def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Se
     except ValidationError as exc:
         origins = _origins(overrides, variables, toml)
         raise ConfigError("invalid settings:\n" + describe_validation_error(exc, origins)) from None
-    except SettingsError as exc:  # a value pydantic-settings cannot decode, e.g. a list that is not JSON
-        raise ConfigError(
-            f"{exc.__cause__ or exc}: {exc}; lists and groups given as variables take JSON, "
-            f"e.g. {env_var_for(('model', 'lora_target_modules'))}='[\"c_attn\"]'"
-        ) from None
+    except SettingsError as exc:  # a group set as one variable (CKPTFLOW_TRAIN) whose value is not JSON
+        raise ConfigError(_undecodable_variable(exc)) from None
     finally:
         _toml_data.reset(token)
+
+
+def _undecodable_variable(exc: SettingsError) -> str:
+    m = re.search(r'field "(\w+)" from source "(\w+)"', str(exc))
+    group, source = (m[1], m[2]) if m else ("train", "")
+    where = "in .env" if "DotEnv" in source else "in the environment"
+    return (
+        f"{env_var_for((group,))} {where} is not valid JSON ({exc.__cause__ or exc}): a group set as one variable "
+        f"takes a JSON object, e.g. {env_var_for((group,))}='{{\"{min(_schema()[group] or ['x'])}\": …}}'; "
+        f"or set its fields one by one ({env_var_for((group, 'FIELD'))}=…)"
+    )
 
 
 def settings_from_json(config: dict[str, Any]) -> Settings:

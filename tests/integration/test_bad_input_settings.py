@@ -54,6 +54,7 @@ CASES = [
     _env(PLAN, {"CKPTFLOW_LEDGERURL": "sqlite://"}, ("did you mean CKPTFLOW_LEDGER_URL?",), "env-top-level"),
     _env(PLAN, {"ckptflow_trian__seed": "1"}, ("ckptflow_trian__seed", "CKPTFLOW_TRAIN__SEED"), "env-lowercase"),
     _env(PLAN, {"CKPTFLOW_TRAIN": '{"sed": 1}'}, ("`train.sed`", "CKPTFLOW_TRAIN", "not a setting"), "env-group-json"),
+    _env(RUN, {"CKPTFLOW_CHECKPOINT": "save_steps=4"}, ("CKPTFLOW_CHECKPOINT", "not valid JSON", "CKPTFLOW_CHECKPOINT__FIELD"), "env-group-not-json"),
     # -- unknown variables in .env: its path and line
     _dotenv(RUN, "CKPTFLOW_TRAIN__SEED=1\nCKPTFLOW_TRAIN__SED=2\n", (".env:2", "did you mean CKPTFLOW_TRAIN__SEED?"), "dotenv-field"),
     _dotenv(PLAN, "# mine\n\nCKPTFLOW_MODEL_LORA_R=4\n", (".env:3", "double underscore", "CKPTFLOW_MODEL__LORA_R?"), "dotenv-single-underscore"),

@@ -385,3 +385,20 @@ def test_an_unreadable_config_file_is_bad_input(home, tmp_path, text, mentions):
     for m in mentions:
         assert m in str(info.value)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "dotenv", "mentions"),
+    [
+        ({"CKPTFLOW_TRAIN": "notjson"}, "", ["CKPTFLOW_TRAIN in the environment is not valid JSON", "CKPTFLOW_TRAIN__FIELD"]),
+        ({}, "CKPTFLOW_CHECKPOINT={\n", ["CKPTFLOW_CHECKPOINT in .env is not valid JSON"]),
+    ],
+)
+def test_a_group_variable_that_is_not_json_is_bad_input(home, tmp_path, monkeypatch, env, dotenv, mentions):
+    (tmp_path / ".env").write_text(dotenv)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    for text in mentions:
+        assert text in str(info.value)
