@@ -175,8 +175,7 @@ def unknown_toml_names(config: TomlConfig, schema: Schema) -> list[str]:
 
 def override_names(overrides: Mapping[str, Any], schema: Schema) -> list[str]:
     """Unknown names among explicit overrides (CLI options, flow parameters)."""
-    config = TomlConfig(path=Path("overrides"), data=dict(overrides))
-    return [p.replace("overrides: ", "override: ", 1) for p in unknown_toml_names(config, schema)]
+    return unknown_toml_names(TomlConfig(path=Path("override"), data=dict(overrides)), schema)
 
 
 # -- variables -----------------------------------------------------------------------------
