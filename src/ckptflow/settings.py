@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -53,6 +53,8 @@ _MAX_WAIT_SECONDS = 86_400.0  # a retry delay or drill pause longer than a day h
 _toml_data: ContextVar[dict[str, Any] | None] = ContextVar("ckptflow_toml_data", default=None)
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# inf and nan pass `gt=0`-style bounds (or compare false) and then break the LR schedule or a sleep.
+FiniteFloat = Annotated[float, AllowInfNan(False)]
 
 
 def setting_name(*loc: str) -> str:
@@ -72,7 +74,7 @@ class ModelSettings(_Group):
     )
     lora_r: int = Field(8, gt=0, le=_MAX_WIDTH, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, le=_MAX_WIDTH, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, allow_inf_nan=False, description="Dropout on the LoRA branch.")
+    lora_dropout: FiniteFloat = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
     lora_target_modules: list[NonEmptyStr] | None = Field(
         None, description="Module names to adapt; empty = PEFT's default for the architecture."
     )
@@ -89,22 +91,26 @@ class DataSettings(_Group):
         "", description="Eval data, same forms; empty = the dataset's eval split, else `eval_fraction` of train."
     )
     text_field: str = Field("text", min_length=1, description="Column holding the training text.")
-    eval_fraction: float = Field(
-        0.1, ge=0.0, lt=1.0, allow_inf_nan=False, description="Share of train held out for eval when no eval data is given."
+    eval_fraction: FiniteFloat = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of train held out for eval when no eval data is given."
     )
 
 
 class TrainSettings(_Group):
-    epochs: float = Field(2, gt=0, allow_inf_nan=False, description="HF num_train_epochs; ignored when max_steps > 0.")
+    epochs: FiniteFloat = Field(2, gt=0, description="HF num_train_epochs; ignored when max_steps > 0.")
     max_steps: int = Field(-1, le=_MAX_COUNT, description="Total optimizer steps; -1 = derive from epochs.")
     batch_size: int = Field(2, gt=0, le=_MAX_BATCH, description="HF per_device_train_batch_size (and eval).")
     gradient_accumulation_steps: int = Field(1, gt=0, le=_MAX_COUNT, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, allow_inf_nan=False, description="Peak learning rate (linear decay).")
+    learning_rate: FiniteFloat = Field(2e-4, gt=0, description="Peak learning rate (linear decay).")
     seed: int = Field(42, ge=0, le=_MAX_SEED, description="Seed for weights init of LoRA, data order and dropout.")
     logging_steps: int = Field(1, gt=0, le=_MAX_COUNT, description="Log train loss every N steps.")
-    chunk_steps: int = Field(0, ge=0, le=_MAX_COUNT, description="Optimizer steps per Prefect task; 0 = auto (a few chunks).")
+    chunk_steps: int = Field(
+        0, ge=0, le=_MAX_COUNT, description="Optimizer steps per Prefect task; 0 = auto (a few chunks)."
+    )
     retries: int = Field(2, ge=0, le=_MAX_COUNT, description="Prefect retries per chunk; each resumes from the ledger.")
-    retry_delay_seconds: float = Field(5, ge=0, le=_MAX_WAIT_SECONDS, allow_inf_nan=False, description="Seconds between retries of a chunk.")
+    retry_delay_seconds: FiniteFloat = Field(
+        5, ge=0, le=_MAX_WAIT_SECONDS, description="Seconds between retries of a chunk."
+    )
     launcher: Literal["inprocess", "subprocess", "torchrun"] = Field(
         "inprocess", description="Where a chunk runs: this process, a child process, or torchrun (DDP)."
     )
@@ -123,14 +129,20 @@ class CheckpointSettings(_Group):
     save_strategy: Literal["steps", "epoch"] = Field("steps", description="When HF saves: every save_steps or every epoch.")
     save_steps: int = Field(2, gt=0, le=_MAX_COUNT, description="Save every N optimizer steps (save_strategy=steps).")
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to evaluate; `no` disables metrics.")
-    eval_steps: int = Field(2, gt=0, le=_MAX_COUNT, description="Evaluate every N optimizer steps (eval_strategy=steps).")
-    save_total_limit: int | None = Field(2, gt=0, le=_MAX_COUNT, description="How many checkpoints retention keeps (plus protected ones).")
+    eval_steps: int = Field(
+        2, gt=0, le=_MAX_COUNT, description="Evaluate every N optimizer steps (eval_strategy=steps)."
+    )
+    save_total_limit: int | None = Field(
+        2, gt=0, le=_MAX_COUNT, description="How many checkpoints retention keeps (plus protected ones)."
+    )
     retention: Literal["best", "recent"] = Field(
         "best", description="`best`: keep the save_total_limit best by metric; `recent`: the most recent."
     )
     metric_for_best_model: str = Field("eval_loss", min_length=1, description="Metric that ranks checkpoints.")
     greater_is_better: bool = Field(False, description="Direction of metric_for_best_model.")
-    keep_every_steps: int | None = Field(None, gt=0, le=_MAX_COUNT, description="Also keep every checkpoint whose step is a multiple of this.")
+    keep_every_steps: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Also keep every checkpoint whose step is a multiple of this."
+    )
     max_total_bytes: int | None = Field(None, gt=0, description="Disk budget for all kept checkpoints of a run.")
     min_free_bytes: int | None = Field(
         None, ge=0, description="Refuse a save that would leave less free disk; empty = 64 MiB margin."
@@ -149,15 +161,17 @@ class CheckpointSettings(_Group):
 
 class ExportSettings(_Group):
     merge: bool = Field(True, description="Merge LoRA into the base weights; false = export the adapter only.")
-    promotion_margin: float = Field(
-        0.0, ge=0.0, allow_inf_nan=False, description="retrain: challenger must beat the champion's metric by at least this much."
+    promotion_margin: FiniteFloat = Field(
+        0.0, ge=0.0, description="retrain: challenger must beat the champion's metric by at least this much."
     )
 
 
 class FaultSettings(_Group):
     """Fault injection for tests and drills; off by default."""
 
-    at_step: int | None = Field(None, gt=0, le=_MAX_COUNT, description="Fail when training reaches this optimizer step.")
+    at_step: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Fail when training reaches this optimizer step."
+    )
     mode: Literal["raise", "kill"] = Field("raise", description="`raise` an exception, or SIGKILL the training process.")
     times: int = Field(1, ge=0, le=_MAX_COUNT, description="Fail only the first N attempts that reach at_step.")
     pause_at: (
@@ -174,8 +188,12 @@ class FaultSettings(_Group):
         ]
         | None
     ) = Field(None, description="Sleep at this point (see ckptflow.faults) so a drill can watch the state and kill.")
-    pause_step: int | None = Field(None, gt=0, le=_MAX_COUNT, description="Pause only at this step; empty = the first time the point is reached.")
-    pause_seconds: float = Field(30.0, ge=0, le=_MAX_WAIT_SECONDS, allow_inf_nan=False, description="How long a pause lasts (seconds).")
+    pause_step: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Pause only at this step; empty = the first time the point is reached."
+    )
+    pause_seconds: FiniteFloat = Field(
+        30.0, ge=0, le=_MAX_WAIT_SECONDS, description="How long a pause lasts (seconds)."
+    )
 
 
 class Settings(BaseSettings):
@@ -293,11 +311,13 @@ def _contradictions(s: Settings) -> list[str]:
     """Settings that are valid one by one but cannot work together, each naming every variable involved."""
     out: list[str] = []
     ck, tr = s.checkpoint, s.train
-    metric, direction = setting_name("checkpoint", "metric_for_best_model"), setting_name("checkpoint", "greater_is_better")
+    metric = setting_name("checkpoint", "metric_for_best_model")
+    direction = setting_name("checkpoint", "greater_is_better")
     if ck.retention == "best" and not ck.evaluates:
         out.append(
             "retention=best ranks checkpoints by a metric, but eval_strategy=no disables evaluation: "
-            f"set {setting_name('checkpoint', 'eval_strategy')} to steps, or {setting_name('checkpoint', 'retention')} to recent"
+            f"set {setting_name('checkpoint', 'eval_strategy')} to steps, "
+            f"or {setting_name('checkpoint', 'retention')} to recent"
         )
     if ck.evaluates and ck.metric_key not in EVAL_METRICS:
         out.append(
@@ -327,7 +347,8 @@ def _contradictions(s: Settings) -> list[str]:
     if tr.max_steps > 0 and tr.logging_steps > tr.max_steps:
         out.append(
             f"logging_steps={tr.logging_steps} is more than max_steps={tr.max_steps}, so no training loss would "
-            f"ever be logged: lower {setting_name('train', 'logging_steps')} or raise {setting_name('train', 'max_steps')}"
+            f"ever be logged: lower {setting_name('train', 'logging_steps')} "
+            f"or raise {setting_name('train', 'max_steps')}"
         )
     return out
 
