@@ -104,7 +104,10 @@ def test_there_are_enough_cases():
     assert len(CASES) >= 35 and len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in {"toml-section", "env-single-underscore", "toml-loss-greater"}], ids=lambda c: c.id)
+ON_COMPLETED_HOME = [c for c in CASES if c.id in {"toml-section", "env-single-underscore", "toml-loss-greater"}]
+
+
+@pytest.mark.parametrize("case", ON_COMPLETED_HOME, ids=lambda c: c.id)
 def test_refusals_on_a_completed_home_change_nothing(case, completed_home, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -131,17 +134,19 @@ def test_plan_reads_data_relative_to_the_config_file(home, tmp_path):
     configs, cwd = _config_elsewhere(tmp_path)
     (cwd / "data").mkdir()
     (cwd / "data" / "train.jsonl").write_text(DATA * 10)  # the cwd's file of the same name must not be read
-    proc = ckptflow("plan", "--config", "../project/configs/run.toml", "--json", cwd=cwd, env={"CKPTFLOW_HOME": str(home)})
+    proc = ckptflow(
+        "plan", "--config", "../project/configs/run.toml", "--json", cwd=cwd, env={"CKPTFLOW_HOME": str(home)}
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["total_steps"] == 2 * 2  # 4 of 6 rows train (2 held out), batch 2, 2 epochs
 
 
-@pytest.mark.parametrize("command", [("run", "--run-name", "x")])
-def test_a_missing_file_named_by_a_config_shows_the_absolute_path(completed_home, tmp_path, command):
+def test_a_missing_file_named_by_a_config_shows_the_absolute_path(completed_home, tmp_path):
     # A completed home: the built-in model already exists, so a refusal must leave it exactly as it is.
     configs, cwd = _config_elsewhere(tmp_path, data=None)
+    tried = str(configs / "data" / "train.jsonl")
     run_case(
-        Case("missing", (*command, "--config", "../project/configs/run.toml"), ("does not exist", str(configs / "data" / "train.jsonl"))),
+        Case("missing", (*RUN, "--config", "../project/configs/run.toml"), ("does not exist", tried)),
         home=completed_home,
         cwd=cwd,
         extra_env=WIDE,
