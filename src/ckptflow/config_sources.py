@@ -45,6 +45,7 @@ NON_SETTING_VARIABLES = frozenset(
     {
         "CKPTFLOW_LAUNCHER_PID",  # worker.py: the launcher's pid, watched by a chunk's child process
         "CKPTFLOW_REPO",  # deployments/prefect.yaml: the checkout a deployment runs from
+        "CKPTFLOW_SAVE_SCREENSHOTS",  # tests/e2e/test_ui_browser.py: keep the browser test's screenshots
     }
 )
 # Prefixes of non-setting variable families: benchmarks/ (results dir, source tree, probe).
