@@ -13,6 +13,7 @@ from ckptflow.ledger import RunStatus
 from ckptflow.params import FinetuneOverrides, RunName, settings_overrides
 from ckptflow.planning import chunk_plan
 from ckptflow.quiet import quiet_libraries
+from ckptflow.secrets import install_redaction
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
 from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
@@ -77,6 +78,7 @@ def finetune(
     quiet_libraries()
     logger = get_run_logger()
     settings = resolve_settings(config_file, overrides)
+    install_redaction([settings.ledger])  # now that Prefect's log handlers exist: mask secrets in every record
     prepared = prepare_data(settings)(settings)
     opened = open_run(settings, prepared, run_name, new)
     name = opened.run.name

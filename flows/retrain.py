@@ -12,6 +12,7 @@ from prefect.states import Completed, State
 from ckptflow import promotion
 from ckptflow.params import FinetuneOverrides
 from ckptflow.quiet import quiet_libraries
+from ckptflow.secrets import install_redaction
 from flows.finetune import finetune, resolve_settings
 from tasks.pipeline import prepare_data
 from tasks.promotion import find_champion, judge_challenger, record_decision
@@ -37,6 +38,7 @@ def retrain(
     quiet_libraries()
     logger = get_run_logger()
     settings = resolve_settings(config_file, overrides)
+    install_redaction([settings.ledger])  # now that Prefect's log handlers exist: mask secrets in every record
     prepared = prepare_data(settings)(settings)
     champion = find_champion(settings)
     margin = settings.export.promotion_margin

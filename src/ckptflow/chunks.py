@@ -92,7 +92,7 @@ class ChunkJob:
             chunk=chunk.index,
             start_step=chunk.start_step,
             end_step=chunk.end_step,
-            settings={k: v for k, v in settings.to_json().items() if k != "ledger_url"},  # see `to_json`
+            settings=settings.to_json(),  # without the ledger URL: see `to_json`
             **extra,
         )
 

@@ -346,6 +346,9 @@ def _cell(value: Any) -> str:
 
 
 def main() -> None:
+    from ckptflow.secrets import install_redaction
+
+    install_redaction()  # credentials in the environment (ledger URL, cloud keys) never reach a log line
     app()
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
+from ckptflow.secrets import mask_url
 from ckptflow.settings import Settings, env_var_for, settings_from_json, steps_per_epoch
 
 # Keys of runs.config (JSON).
@@ -154,5 +155,6 @@ def get_run(ledger: Ledger, name: str) -> RunRecord:
     run = ledger.get_run(name)
     if run is None:
         known = ", ".join(r.name for r in ledger.list_runs()[:10]) or "none yet"
-        raise RunNotFoundError(f"no run named {name!r} in {ledger.url} (runs: {known}); see `ckptflow runs`")
+        where = mask_url(ledger.url)  # a team ledger's URL carries a password
+        raise RunNotFoundError(f"no run named {name!r} in {where} (runs: {known}); see `ckptflow runs`")
     return run

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -197,6 +197,10 @@ class FaultSettings(_Group):
     )
 
 
+# Top-level settings that may hold credentials: never serialized (to_json), never echoed in errors.
+SECRET_FIELDS = ("ledger_url",)
+
+
 class Settings(BaseSettings):
     """All of ckptflow's configuration."""
 
@@ -211,7 +215,11 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(Path(".ckptflow"), description="Root for runs, exports, the data cache and the default ledger.")
-    ledger_url: str | None = Field(None, description="SQLAlchemy URL; empty = sqlite:///$CKPTFLOW_HOME/ledger.db.")
+    ledger_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL; empty = sqlite:///$CKPTFLOW_HOME/ledger.db. A secret: it may carry a password, "
+        "so it is never written or shown in clear (see ckptflow.secrets).",
+    )
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
@@ -245,9 +253,16 @@ class Settings(BaseSettings):
     @property
     def ledger(self) -> str:
         """The effective ledger URL."""
-        if self.ledger_url:
-            return self.ledger_url
+        if self.ledger_url is not None and self.ledger_url.get_secret_value():
+            return self.ledger_url.get_secret_value()
         return f"sqlite:///{(self.home / 'ledger.db').resolve()}"
+
+    @property
+    def ledger_shown(self) -> str:
+        """The effective ledger URL as it may be shown to people: its password masked."""
+        from ckptflow.secrets import mask_url
+
+        return mask_url(self.ledger) or ""
 
     # Every path below is built by paths.contained: it cannot leave the home, whatever the name.
     def run_dir(self, run_name: str) -> Path:
@@ -296,7 +311,8 @@ class Settings(BaseSettings):
         }
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Every setting as JSON, without the secret ones (SECRET_FIELDS): safe to record, log or send."""
+        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
 
 
 def _metric_higher_is_better(metric_key: str) -> bool | None:
@@ -364,7 +380,7 @@ def env_var_for(loc: tuple[Any, ...]) -> str:
 # Where a setting's value came from: dotted key → `environment`, `/abs/.env:3`, `/abs/c.toml:7`, ...
 Origins = Callable[[tuple[str, ...]], "str | None"]
 # Settings whose values are never echoed in messages (a URL may carry a password).
-_SECRET_SETTINGS = {("ledger_url",)}
+_SECRET_SETTINGS = {(name,) for name in SECRET_FIELDS}
 _MENTIONED_KEY = re.compile(r"`([a-z_]+(?:\.[a-z_]+)?)`")
 
 

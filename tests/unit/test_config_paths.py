@@ -13,7 +13,7 @@ def _get(settings, key: str):
     value = settings
     for part in key.split("."):
         value = getattr(value, part)
-    return value
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from alembic import command
 from sqlalchemy import create_engine, text
 
 from ckptflow.ledger import Ledger
-from ckptflow.ledger.store import _alembic_config
+from ckptflow.ledger.store import _alembic_config, head_revision
 
 NOW = datetime(2026, 5, 1, tzinfo=UTC).replace(tzinfo=None).isoformat(sep=" ")
 
@@ -81,7 +81,7 @@ def test_upgrade_0001_to_head_makes_paths_relative_to_the_home(tmp_path, db_dir,
 
     home = at(opened_with) if opened_with else at(db_dir)
     with Ledger(url, home=home if opened_with else None) as led:  # today's code: upgrades on open
-        assert led.current_revision() == "0002"
+        assert led.current_revision() == head_revision()
         run = led.get_run("r")
         assert led.checkpoints(run.id)[0].path == str(home / "runs" / "r" / "checkpoints" / "checkpoint-4")
         assert [e.path for e in led.exports(run.id)] == [str(home / "exports" / "r"), str(outside)]
@@ -122,3 +122,38 @@ def test_upgrade_keeps_only_the_newest_of_two_promoted_exports(tmp_path):
                 "VALUES (2, 1, 1, :p, 1, '{}', 1, :now)", {"p": f"{home}/exports/r-2", "now": NOW})])
     with Ledger(url) as led:
         assert [(e.id, e.promoted) for e in led.exports()] == [(1, False), (2, True)]
+
+
+def test_upgrade_scrubs_a_password_an_old_ledger_recorded(tmp_path):
+    """A 0001 ledger that recorded a team ledger's URL (settings) and quoted it in error texts holds no password after the upgrade."""
+    password = "pg-Secret-7781"
+    team_url = f"postgresql+psycopg://ck:{password}@db.example:5432/ckptflow"
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    _ledger_at(url, "0001")
+    config = {"settings": {"home": str(tmp_path), "ledger_url": team_url, "data": {"train": team_url}}, "data_fingerprint": "d"}
+    _sql(url, [
+        ("INSERT INTO runs (id, name, status, fingerprint, config, base_model, total_steps, metrics, created_at, updated_at) "
+         "VALUES (1, 'r', 'failed', 'fp', :config, 'm', 4, '{}', :now, :now)", {"config": json.dumps(config), "now": NOW}),
+        ("INSERT INTO checkpoints (id, run_id, step, epoch, path, state, metrics, bytes, manifest_sha256, created_at, reason) "
+         "VALUES (1, 1, 2, 1.0, :path, 'corrupt', '{}', 10, 's', :now, :reason)",
+         {"path": f"{tmp_path}/runs/r/checkpoints/checkpoint-2", "now": NOW, "reason": f"lost {team_url}"}),
+        ("INSERT INTO attempts (id, run_id, chunk, attempt, start_step, end_step, status, error, started_at) "
+         "VALUES (1, 1, 0, 1, 0, 2, 'failed', :error, :now)", {"error": f"OperationalError: could not connect to {team_url}", "now": NOW}),
+    ])
+    with Ledger(url, home=tmp_path) as ledger:
+        run = ledger.get_run("r")
+        assert "ledger_url" not in run.config["settings"]
+        assert run.config["settings"]["data"]["train"] == "postgresql+psycopg://ck:***@db.example:5432/ckptflow"
+        assert ledger.attempts(run.id)[0].error.endswith("ck:***@db.example:5432/ckptflow")
+    dump = "\n".join(_sqlite_dump(tmp_path / "ledger.db"))
+    assert password not in dump
+
+
+def _sqlite_dump(path: Path) -> list[str]:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return list(con.iterdump())
+    finally:
+        con.close()

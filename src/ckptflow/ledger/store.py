@@ -318,7 +318,9 @@ class Ledger:
             raise
 
     def __repr__(self) -> str:
-        return f"Ledger({self.url!r})"
+        from ckptflow.secrets import mask_url
+
+        return f"Ledger({mask_url(self.url)!r})"
 
     def __enter__(self) -> Ledger:
         return self
