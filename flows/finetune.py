@@ -16,6 +16,7 @@ from ckptflow.quiet import quiet_libraries
 from ckptflow.secrets import install_redaction
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
+from tasks.live import LiveSummary, live_updates
 from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
 
 
@@ -35,7 +36,9 @@ def resolve_settings(config_file: str | None, overrides: FinetuneOverrides | dic
     return settings.model_copy(update={"home": settings.home.resolve()})
 
 
-def train_all_chunks(settings: Settings, run_name: str, total_steps: int, progress: RunProgress) -> list:
+def train_all_chunks(
+    settings: Settings, run_name: str, total_steps: int, progress: RunProgress, live: LiveSummary | None = None
+) -> list:
     results = []
     for chunk in chunk_plan(total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
         task = train_chunk.with_options(
@@ -46,6 +49,8 @@ def train_all_chunks(settings: Settings, run_name: str, total_steps: int, progre
         )
         results.append(task(settings, run_name, chunk))
         progress.reached(chunk.end_step)
+        if live is not None:
+            live.chunk_ended()
     return results
 
 
@@ -88,8 +93,11 @@ def finetune(
     result: dict[str, Any] = {"run": name}
     with pipeline.run_lease(settings, name, lease_holder_id()):
         try:
-            progress = RunProgress(name, opened.run.total_steps, _steps_done(settings, name))
-            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, progress)
+            done = _steps_done(settings, name)
+            progress = RunProgress(name, opened.run.total_steps, done)
+            live = LiveSummary(settings, name, progress)
+            with live_updates(settings, name, live.saved, start_step=done):
+                result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, progress, live)
             result["evaluation"] = evaluate(settings, name)
             result["export"] = export_best(settings, name)
             pipeline.set_status(settings, name, RunStatus.COMPLETED)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
+import threading
 from uuid import UUID
 
 from prefect import task
@@ -71,11 +72,14 @@ def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
 
 
 class RunProgress:
-    """A progress artifact for one run, moved forward as chunks finish (percent of optimizer steps)."""
+    """A progress artifact for one run (percent of optimizer steps), moved forward at every committed save
+    (tasks/live.py) and chunk end. Never moves back: the watcher thread and the flow may report out of order."""
 
     def __init__(self, run_name: str, total_steps: int, done_steps: int = 0) -> None:
         self.key = reports.artifact_key(run_name, PROGRESS)
         self.total_steps = max(1, total_steps)
+        self.done_steps = done_steps
+        self._lock = threading.Lock()
         self.artifact_id: UUID | None = publish_quietly(
             create_progress_artifact,
             self._percent(done_steps),
@@ -87,7 +91,10 @@ class RunProgress:
         return round(100.0 * min(step, self.total_steps) / self.total_steps, 1)
 
     def reached(self, step: int) -> None:
-        if self.artifact_id is not None:
+        with self._lock:
+            if self.artifact_id is None or step <= self.done_steps:
+                return
+            self.done_steps = step
             publish_quietly(update_progress_artifact, self.artifact_id, self._percent(step))
 
 
