@@ -21,6 +21,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptflow.errors import InsufficientDiskError
+from ckptflow.logline import StepRate, format_log_line
 from ckptflow.settings import Settings
 
 # Margin kept free on disk when min_free_bytes is not set.
@@ -139,15 +140,24 @@ class CommitCallback(TrainerCallback):
 
 
 class LogCallback(TrainerCallback):
-    """HF's logs (loss, eval_loss, lr) into ckptflow's logger instead of print() on stdout."""
+    """HF's logs as one readable line each (ckptflow.logline) in ckptflow's logger, instead of print() of a dict.
+
+    Full-precision values stay in trainer_state.json, the ledger and --json outputs.
+    """
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger
+        self.rate = StepRate()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.rate.observe(state.global_step)
+        return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
         if logs:
-            shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items() if "runtime" not in k}
-            self.logger.info("step %d: %s", state.global_step, shown)
+            line = format_log_line(state.global_step, state.max_steps, logs, self.rate.rate())
+            if line is not None:
+                self.logger.info("%s", line)
         return control
 
 
