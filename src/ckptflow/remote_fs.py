@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 from ckptflow.errors import BadInputError, CkptflowError
-from ckptflow.secrets import mask_url, redact
+from ckptflow.secrets import mask_url, redact, registry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -44,6 +44,8 @@ _PERMANENT_ERRORS = (
 )
 # botocore's exceptions for missing or unusable credentials (matched by name: botocore is optional).
 _CREDENTIAL_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+# Unreachable endpoints: botocore and s3fs have already retried these for ~10 s; retrying again multiplies that.
+_ALREADY_RETRIED_NAMES = {"EndpointConnectionError", "ConnectTimeoutError"}
 
 
 class RemoteConfigError(BadInputError):
@@ -81,6 +83,7 @@ def open_store(remote_url: str) -> RemoteStore:
     """The filesystem for `remote_url`; RemoteConfigError when the URL or its backend is unusable."""
     import fsspec
 
+    registry.add_environment()  # the SDK's keys, so `redact` masks them even outside the CLI
     shown = mask_url(remote_url) or ""
     if not remote_url or "://" not in remote_url:
         raise RemoteConfigError(
@@ -123,7 +126,7 @@ def check_writable_root(store: RemoteStore) -> None:
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _PERMANENT_ERRORS) or type(exc).__name__ in _CREDENTIAL_ERROR_NAMES:
+    if isinstance(exc, _PERMANENT_ERRORS) or type(exc).__name__ in _CREDENTIAL_ERROR_NAMES | _ALREADY_RETRIED_NAMES:
         return False
     return isinstance(exc, Exception)
 
@@ -171,7 +174,10 @@ def explain(store: RemoteStore, action: str) -> Iterator[None]:
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         where = f" (AWS_ENDPOINT_URL={endpoint})" if endpoint else ""
         raise RemoteUnavailableError(
-            redact(f"{action} {store.url}{where} failed after {TRANSFER_ATTEMPTS} attempts: {type(exc).__name__}: {exc}")
+            redact(
+                f"{action} {store.url}{where} failed after retries: {type(exc).__name__}: {exc}. "
+                "Check that the store is reachable (AWS_ENDPOINT_URL for an S3-compatible server)"
+            )
         ) from None
 
 

@@ -28,7 +28,7 @@ from ckptflow.remote import (
     upload_checkpoint,
     verify_remote,
 )
-from ckptflow.remote_fs import REMOTE_URL_ENV, TRANSFER_BLOCK_SIZE, with_retries
+from ckptflow.remote_fs import REMOTE_URL_ENV, TRANSFER_BLOCK_SIZE, RemoteUnavailableError, explain, open_store, with_retries
 from ckptflow.remote_uploader import BackgroundUploader, UploadFailedError
 
 RUN = "demo-run"
@@ -354,3 +354,18 @@ def test_uploader_surfaces_every_failure_on_drain_once(tmp_path, remote_url):
         uploader.close(timeout=5)
     with pytest.raises(RuntimeError, match="closed"):
         uploader.submit(good, remote_url, RUN, 2)
+
+
+def test_backend_errors_never_carry_credentials_into_messages(monkeypatch, tmp_path):
+    secret = "wJalrXUtnFEMI-test-secret-" + uuid.uuid4().hex
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store = open_store(f"file://{tmp_path}")
+    cases = [
+        (RuntimeError(f"signature for {secret} mismatch"), RemoteUnavailableError),
+        (PermissionError(f"denied for {secret}"), RemoteConfigError),
+    ]
+    for raised, expected in cases:
+        with pytest.raises(expected) as info:
+            with explain(store, "upload to"):
+                raise raised
+        assert secret not in str(info.value) and "***" in str(info.value)
