@@ -18,11 +18,14 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from ckptflow.errors import CorruptCheckpointError
-from ckptflow.integrity import MANIFEST_NAME, Manifest, checkpoint_step, read_manifest, verify_checkpoint
+from ckptflow.integrity import MANIFEST_NAME, FileEntry, Manifest, checkpoint_step, read_manifest, verify_checkpoint
 from ckptflow.remote_fs import (
     REMOTE_URL_ENV,
     RemoteConfigError,
@@ -42,12 +45,15 @@ from ckptflow.remote_fs import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Remote directories, as in the home: <remote_url>/runs/<run>/checkpoints/checkpoint-<step>/.
 RUNS_DIR = "runs"
 CHECKPOINTS_DIR = "checkpoints"
 # Run names (design.md, Files): letters, digits, `.`, `_`, `-`, starting with a letter or digit.
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# Files transferred or verified at once: several streams hide per-request latency of object stores.
+TRANSFER_WORKERS = 4
 # Prefix of the temporary directory a download is assembled in, beside its destination.
 _DOWNLOAD_TMP_PREFIX = ".download-"
 
@@ -114,8 +120,8 @@ def upload_checkpoint(local_dir: Path, remote_url: str, run_name: str, step: int
     check_writable_root(store)
     with explain(store, f"upload of checkpoint-{step} to"):
         remove_file(store, f"{remote_dir}/{MANIFEST_NAME}")  # (2)
-        for entry in manifest.files:  # (3)
-            sent_sha, sent_size = put_file(store, str(local_dir / entry.path), f"{remote_dir}/{entry.path}")
+        sent = _each_file(lambda e: put_file(store, str(local_dir / e.path), f"{remote_dir}/{e.path}"), manifest.files)  # (3)
+        for entry, (sent_sha, sent_size) in zip(manifest.files, sent):
             if (sent_sha, sent_size) != (entry.sha256, entry.size):
                 raise CorruptCheckpointError(
                     f"{local_dir.name}/{entry.path}: local file no longer matches its manifest "
@@ -186,20 +192,36 @@ def _verify(store: RemoteStore, remote_dir: str, step: int, expected_manifest_sh
         return problems + [f"{name}/{MANIFEST_NAME}: unreadable remote manifest"]
     if manifest.step != step:
         problems.append(f"{name}/{MANIFEST_NAME}: manifest is for step {manifest.step}")
-    for entry in manifest.files:
-        label = f"{name}/{entry.path}"
-        if _unsafe(entry.path):
-            problems.append(f"{label}: unsafe path in manifest")
-            continue
-        path = f"{remote_dir}/{entry.path}"
-        size = remote_size(store, path)
-        if size is None:
-            problems.append(f"{label}: missing on the remote")
-        elif size != entry.size:
-            problems.append(f"{label}: size {size} bytes on the remote, manifest says {entry.size}")
-        elif hash_remote(store, path)[0] != entry.sha256:
-            problems.append(f"{label}: sha256 on the remote differs from the manifest (content changed)")
-    return problems
+    found = _each_file(lambda e: _verify_file(store, remote_dir, name, e), manifest.files)
+    return problems + [p for p in found if p]
+
+
+def _verify_file(store: RemoteStore, remote_dir: str, name: str, entry: FileEntry) -> str | None:
+    label = f"{name}/{entry.path}"
+    if _unsafe(entry.path):
+        return f"{label}: unsafe path in manifest"
+    path = f"{remote_dir}/{entry.path}"
+    size = remote_size(store, path)
+    if size is None:
+        return f"{label}: missing on the remote"
+    if size != entry.size:
+        return f"{label}: size {size} bytes on the remote, manifest says {entry.size}"
+    if hash_remote(store, path)[0] != entry.sha256:
+        return f"{label}: sha256 on the remote differs from the manifest (content changed)"
+    return None
+
+
+def _each_file(fn: Callable[[FileEntry], T], entries: tuple[FileEntry, ...]) -> list[T]:
+    """[fn(entry) …] in manifest order, up to TRANSFER_WORKERS files at once, largest started first.
+
+    Several streams hide per-request latency; memory stays bounded (workers × one block).
+    """
+    if len(entries) < 2:
+        return [fn(e) for e in entries]
+    order = sorted(range(len(entries)), key=lambda i: -entries[i].size)
+    with ThreadPoolExecutor(min(TRANSFER_WORKERS, len(entries)), thread_name_prefix="ckptflow-remote") as pool:
+        futures = {i: pool.submit(fn, entries[i]) for i in order}
+        return [futures[i].result() for i in range(len(entries))]
 
 
 def _parse_manifest(data: bytes) -> Manifest | None:
@@ -238,8 +260,8 @@ def download_checkpoint(
             store.forget_listings()
             manifest_bytes, manifest = _remote_manifest(store, remote_dir, step, expected_manifest_sha256)  # (2)
             tmp.mkdir()
-            for entry in manifest.files:  # (3)
-                got = get_file(store, f"{remote_dir}/{entry.path}", str(tmp / entry.path))
+            got_all = _each_file(lambda e: get_file(store, f"{remote_dir}/{e.path}", str(tmp / e.path)), manifest.files)  # (3)
+            for entry, got in zip(manifest.files, got_all):
                 if got != (entry.sha256, entry.size):
                     raise RemoteVerifyError(f"checkpoint-{step}/{entry.path}: downloaded bytes differ from the manifest")
             (tmp / MANIFEST_NAME).write_bytes(manifest_bytes)
