@@ -153,11 +153,16 @@ def _watch(condition, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_completes_it(tmp_path, s3, s3_remote):
+@pytest.mark.parametrize("over_an_old_copy", [False, True], ids=["fresh", "over-an-old-copy-of-the-step"])
+def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_completes_it(tmp_path, s3, s3_remote, over_an_old_copy):
     url, bucket = s3_remote
     older, older_sha = _synthetic_checkpoint(tmp_path, 2, {"a-config.json": 100, "big.bin": 2 * TRANSFER_BLOCK_SIZE})
     newer, newer_sha = _synthetic_checkpoint(tmp_path, 4, {"a-config.json": 100, "big.bin": 8 * TRANSFER_BLOCK_SIZE})
     upload_checkpoint(older, url, RUN, 2)
+    old_sha = None
+    if over_an_old_copy:  # the same step uploaded before with other bytes (e.g. retrained after a fallback)
+        old, old_sha = _synthetic_checkpoint(tmp_path / "old", 4, {"a-config.json": 100, "big.bin": 100})
+        upload_checkpoint(old, url, RUN, 4)
 
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from ckptflow.remote import upload_checkpoint as u; u(sys.argv[1], sys.argv[2], 'base', 4)", str(newer), url],
@@ -171,6 +176,8 @@ def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_complet
     def big_file_half_sent() -> bool:
         """a-config.json landed and the multipart upload of big.bin has parts, but is not complete."""
         assert child.poll() is None, f"upload finished before it was killed: {child.stderr.read().decode()[-2000:]}"
+        if "a-config.json" not in ckpt_keys(s3, bucket, 4):
+            return False
         uploads = client.list_multipart_uploads(Bucket=bucket, Prefix=big_key).get("Uploads", [])
         return any(client.list_parts(Bucket=bucket, Key=big_key, UploadId=u["UploadId"]).get("Parts") for u in uploads)
 
@@ -180,10 +187,11 @@ def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_complet
     assert child.returncode == -signal.SIGKILL
 
     left = ckpt_keys(s3, bucket, 4)
-    assert left == ["a-config.json"], left  # some files, never the manifest
-    assert verify_remote(url, RUN, 4, newer_sha) == [
-        f"checkpoint-4/{MANIFEST_NAME}: missing remote manifest (the upload did not finish: not a copy)"
-    ]
+    assert left == ["a-config.json", "big.bin"] if over_an_old_copy else ["a-config.json"], left  # never the manifest
+    for sha in (newer_sha, old_sha):  # neither the new copy nor the old one it was replacing
+        assert verify_remote(url, RUN, 4, sha) == [
+            f"checkpoint-4/{MANIFEST_NAME}: missing remote manifest (the upload did not finish: not a copy)"
+        ]
     assert newest_verified_remote(url, RUN, [(2, older_sha), (4, newer_sha)]) == 2
     with pytest.raises(RemoteVerifyError, match="no remote manifest"):
         download_checkpoint(url, RUN, 4, tmp_path / "dl" / "checkpoint-4", newer_sha)
