@@ -155,6 +155,9 @@ def _local_manifest(local_dir: Path, step: int) -> tuple[bytes, Manifest]:
     manifest = read_manifest(local_dir)
     if manifest is None:
         raise CorruptCheckpointError(f"{local_dir}/{MANIFEST_NAME} is unreadable: not uploaded")
+    unsafe = [e.path for e in manifest.files if _unsafe(e.path)]
+    if unsafe:
+        raise CorruptCheckpointError(f"{local_dir}/{MANIFEST_NAME} lists unsafe paths {unsafe}: not uploaded")
     dir_step = checkpoint_step(local_dir)
     if manifest.step != step or (dir_step is not None and dir_step != step):
         raise CorruptCheckpointError(

@@ -140,7 +140,9 @@ def with_retries(fn: Callable[[], T], what: str) -> T:
         except Exception as exc:
             if not _is_transient(exc) or attempt == TRANSFER_ATTEMPTS:
                 raise
-            log.warning("%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, TRANSFER_ATTEMPTS, delay, redact(str(exc)))
+            log.warning(
+                "%s failed (attempt %d of %d), retrying in %.2fs: %s", what, attempt, TRANSFER_ATTEMPTS, delay, redact(str(exc))
+            )
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")

@@ -164,8 +164,9 @@ def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_complet
         old, old_sha = _synthetic_checkpoint(tmp_path / "old", 4, {"a-config.json": 100, "big.bin": 100})
         upload_checkpoint(old, url, RUN, 4)
 
+    upload_in_child = "import sys; from ckptflow.remote import upload_checkpoint as u; u(sys.argv[1], sys.argv[2], 'base', 4)"
     child = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from ckptflow.remote import upload_checkpoint as u; u(sys.argv[1], sys.argv[2], 'base', 4)", str(newer), url],
+        [sys.executable, "-c", upload_in_child, str(newer), url],
         env=os.environ.copy(),
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

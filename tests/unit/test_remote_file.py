@@ -369,3 +369,23 @@ def test_backend_errors_never_carry_credentials_into_messages(monkeypatch, tmp_p
             with explain(store, "upload to"):
                 raise raised
         assert secret not in str(info.value) and "***" in str(info.value)
+
+
+def test_manifests_listing_paths_outside_the_checkpoint_are_refused_both_ways(tmp_path, remote_url):
+    import json
+
+    local, _ = make_checkpoint(tmp_path / "home", 4)
+    (tmp_path / "home" / "outside.txt").write_text("not part of the checkpoint")
+    doc = json.loads((local / MANIFEST_NAME).read_text())
+    doc["files"].append({"path": "../outside.txt", "size": 26, "sha256": "0" * 64})
+    (local / MANIFEST_NAME).write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpointError, match="unsafe paths"):
+        upload_checkpoint(local, remote_url, RUN, 4)
+
+    fs, path = remote_fs(remote_url, RUN, 4)  # the same manifest planted on the remote by someone else
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/{MANIFEST_NAME}", json.dumps(doc).encode())
+    assert "checkpoint-4/../outside.txt: unsafe path in manifest" in verify_remote(remote_url, RUN, 4)
+    with pytest.raises(RemoteVerifyError, match="unsafe paths"):
+        download_checkpoint(remote_url, RUN, 4, tmp_path / "dl" / "checkpoint-4", None)
+    assert not (tmp_path / "dl" / "outside.txt").exists()
