@@ -4,6 +4,10 @@
         env = server.env()                 # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, … (unique fake keys)
         bucket = server.create_bucket()    # a fresh, empty bucket
 
+or, in tests, the fixtures `s3` (the session's server) and `s3_remote` (a fresh bucket's URL with
+the server configured in the environment): `from tests.s3 import s3, s3_remote` in a test module,
+or in tests/conftest.py to share one server across every module of the session.
+
 The server listens on a free port of 127.0.0.1 only, keeps everything in memory, and is
 killed (by its pid) when the block ends; the credentials are random per session, so a
 message that leaks them is caught by a plain substring test. Clients (s3fs, boto3) find
@@ -27,7 +31,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 HOST = "127.0.0.1"
+# The prefix inside each test bucket that `s3_remote` points at (objects: <prefix>/runs/<run>/…).
+REMOTE_PREFIX = "team"
 REGION = "us-east-1"
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -82,7 +90,7 @@ class S3Server:
         return sorted(o["Key"] for page in paginator.paginate(Bucket=bucket, Prefix=prefix) for o in page.get("Contents", []))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -104,7 +112,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, log_path: Path) -> None:
 @contextlib.contextmanager
 def s3_server() -> Iterator[S3Server]:
     """Start `python -m moto.server` on a free loopback port; stop it (by pid) on exit."""
-    port = _free_port()
+    port = free_port()
     log_dir = Path(tempfile.mkdtemp(prefix="ckptflow-moto-"))
     log_path = log_dir / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -133,3 +141,19 @@ def s3_server() -> Iterator[S3Server]:
                 proc.wait()
         log_path.unlink(missing_ok=True)
         log_dir.rmdir()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """The session's local S3 server (started on first use, stopped at the end)."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_remote(s3: S3Server, monkeypatch) -> tuple[str, str]:
+    """(`s3://<fresh bucket>/team`, bucket), with the server configured the standard AWS way in the environment."""
+    for key, value in s3.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = s3.create_bucket()
+    return f"s3://{bucket}/{REMOTE_PREFIX}", bucket

@@ -333,6 +333,25 @@ def newest_verified_remote(remote_url: str, run_name: str, candidates: list[tupl
     return None
 
 
+def remote_steps(remote_url: str, run_name: str) -> list[int]:
+    """Steps whose remote directory holds a manifest (a finished upload), ascending; nothing is re-hashed.
+
+    Cheap (one listing): for showing where checkpoints live. Before using a copy, verify it.
+    """
+    store = open_store(remote_url)
+    _checkpoint_parts(run_name, 0)  # validates the name
+    root = store.path(RUNS_DIR, run_name, CHECKPOINTS_DIR)
+    with explain(store, f"listing of run {run_name} at"):
+        store.forget_listings()
+        steps = set()
+        for path in files_under(store, root):
+            parent, _, name = path.rpartition("/")
+            step = checkpoint_step(Path(parent.rpartition("/")[2])) if name == MANIFEST_NAME else None
+            if step is not None and parent.rpartition("/")[0] == root.rstrip("/"):
+                steps.add(step)
+    return sorted(steps)
+
+
 def delete_remote(remote_url: str, run_name: str, step: int) -> int:
     """Remove the remote copy of one checkpoint, manifest first; returns the number of files removed.
 
@@ -372,6 +391,7 @@ __all__ = [
     "delete_remote",
     "download_checkpoint",
     "newest_verified_remote",
+    "remote_steps",
     "upload_checkpoint",
     "verify_remote",
 ]

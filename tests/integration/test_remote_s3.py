@@ -27,36 +27,21 @@ from ckptflow.remote import (
     delete_remote,
     download_checkpoint,
     newest_verified_remote,
+    remote_steps,
     upload_checkpoint,
     verify_remote,
 )
 from ckptflow.remote_fs import REMOTE_URL_ENV, TRANSFER_BLOCK_SIZE
 from ckptflow.remote_uploader import BackgroundUploader
 from tests.helpers import adapter_weights, max_abs_diff, settings_for
-from tests.s3 import s3_server
+from tests.s3 import REMOTE_PREFIX as PREFIX
+from tests.s3 import free_port, s3, s3_remote  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
 RUN = "base"
-# Where a checkpoint's objects live in the bucket, below the remote URL's prefix.
-PREFIX = "team"
 # Longest a watched event may take before the test gives up (seconds; the events take far less).
 WATCH_TIMEOUT_S = 60.0
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture
-def s3_remote(s3, monkeypatch):
-    """`s3://<fresh bucket>/team`, with the server configured the standard AWS way in the environment."""
-    for key, value in s3.env().items():
-        monkeypatch.setenv(key, value)
-    bucket = s3.create_bucket()
-    return f"s3://{bucket}/{PREFIX}", bucket
 
 
 def ckpt_keys(s3, bucket: str, step: int) -> list[str]:
@@ -95,6 +80,7 @@ def test_real_checkpoints_go_up_and_come_back_bit_equal_after_the_home_is_gone(c
     for step in committed:
         assert ckpt_keys(s3, bucket, step) == sorted(originals[step])
 
+    assert remote_steps(url, RUN) == sorted(committed)
     shutil.rmtree(completed_home)  # a new machine: same ledger rows, empty home
     newest = newest_verified_remote(url, RUN, list(committed.items()))
     assert newest == max(committed)
@@ -193,6 +179,7 @@ def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_complet
         assert verify_remote(url, RUN, 4, sha) == [
             f"checkpoint-4/{MANIFEST_NAME}: missing remote manifest (the upload did not finish: not a copy)"
         ]
+    assert remote_steps(url, RUN) == [2]
     assert newest_verified_remote(url, RUN, [(2, older_sha), (4, newer_sha)]) == 2
     with pytest.raises(RemoteVerifyError, match="no remote manifest"):
         download_checkpoint(url, RUN, 4, tmp_path / "dl" / "checkpoint-4", newer_sha)
@@ -200,6 +187,7 @@ def test_kill_9_during_an_upload_leaves_no_committed_copy_and_a_reupload_complet
     copy = upload_checkpoint(newer, url, RUN, 4)
     assert copy.manifest_sha256 == newer_sha
     assert ckpt_keys(s3, bucket, 4) == ["a-config.json", "big.bin", MANIFEST_NAME]
+    assert remote_steps(url, RUN) == [2, 4]
     assert newest_verified_remote(url, RUN, [(2, older_sha), (4, newer_sha)]) == 4
     dest = download_checkpoint(url, RUN, 4, tmp_path / "dl" / "checkpoint-4", newer_sha)
     assert tree_bytes(dest) == tree_bytes(newer)
@@ -220,9 +208,7 @@ def test_a_missing_bucket_is_bad_input_naming_it_and_never_created(tmp_path, s3,
 
 def test_an_unreachable_endpoint_fails_after_retries_naming_it_without_credentials(tmp_path, s3, s3_remote):
     url, _ = s3_remote
-    from tests.s3 import _free_port
-
-    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     script = (
         "import sys\n"
         "from ckptflow.remote import verify_remote\n"
@@ -234,7 +220,7 @@ def test_an_unreachable_endpoint_fails_after_retries_naming_it_without_credentia
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c", script, url],
-        env={**os.environ, "AWS_ENDPOINT_URL": dead},
+        env={**os.environ, "AWS_ENDPOINT_URL": dead, "AWS_MAX_ATTEMPTS": "1"},  # botocore's own retries: keep the test short
         capture_output=True,
         text=True,
         timeout=300,

@@ -25,6 +25,7 @@ from ckptflow.remote import (
     delete_remote,
     download_checkpoint,
     newest_verified_remote,
+    remote_steps,
     upload_checkpoint,
     verify_remote,
 )
@@ -389,3 +390,17 @@ def test_manifests_listing_paths_outside_the_checkpoint_are_refused_both_ways(tm
     with pytest.raises(RemoteVerifyError, match="unsafe paths"):
         download_checkpoint(remote_url, RUN, 4, tmp_path / "dl" / "checkpoint-4", None)
     assert not (tmp_path / "dl" / "outside.txt").exists()
+
+
+def test_remote_steps_lists_finished_uploads_only(tmp_path, remote_url):
+    for step in (2, 4, 10):
+        local, _ = make_checkpoint(tmp_path / "home", step)
+        upload_checkpoint(local, remote_url, RUN, step)
+    partial, _ = make_checkpoint(tmp_path / "home", 12)
+    fs, path = remote_fs(remote_url, RUN, 12)
+    fs.makedirs(path, exist_ok=True)
+    fs.put_file(str(partial / "optimizer.pt"), f"{path}/optimizer.pt")  # an upload that never finished
+    assert remote_steps(remote_url, RUN) == [2, 4, 10]  # numeric order, not "10" < "2"
+    delete_remote(remote_url, RUN, 4)
+    assert remote_steps(remote_url, RUN) == [2, 10]
+    assert remote_steps(remote_url, "no-such-run") == []
