@@ -123,7 +123,7 @@ def main() -> None:
     report.note(
         f"- S3 = moto {_moto_version()} in server mode on 127.0.0.1, through s3fs; same machine, same bytes.\n"
         f"- upload to S3 runs at {C.ratio(base, upload)} the local copy's throughput "
-        f"({mb / upload:.0f} vs {mb / base:.0f} MB/s), verification included; "
+        f"({mb / upload:.0f} vs {mb / base:.0f} MB/s: {upload / base:.0f}× slower), verification included; "
         f"{C.ratio(rows['local copy + sync'], upload)} of a durable local copy (copy + sync).\n"
         f"- the transfer alone reaches {C.ratio(rows[BOTO3_ROW], transfer)} "
         "of what boto3 alone gets from the same server."
