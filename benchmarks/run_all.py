@@ -28,6 +28,7 @@ BENCHMARKS = {
     "integrity": "bench_integrity.py",
     "ledger": "bench_ledger.py",
     "stall": "bench_stall.py",
+    "remote": "bench_remote.py",
 }
 
 

@@ -23,8 +23,9 @@ SCRIPTS = {
     "bench_stall.py": ("stall", "Per save, milliseconds"),
     "bench_resume.py": ("resume", "Start → first resumed step"),
     "bench_overhead.py": ("overhead", "Where the time went"),
+    "bench_remote.py": ("remote", "ratio = throughput / local copy throughput"),
 }
-SLOW = {"bench_stall.py", "bench_resume.py", "bench_overhead.py"}
+SLOW = {"bench_stall.py", "bench_resume.py", "bench_overhead.py", "bench_remote.py"}
 
 
 def _run(args: list[str], results: Path, timeout: float) -> subprocess.CompletedProcess:
