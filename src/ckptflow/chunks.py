@@ -37,6 +37,8 @@ from ckptflow.training import (
     HeartbeatCallback,
     LogCallback,
     PauseCallback,
+    TENSORBOARD_DIR,
+    TENSORBOARD_DIR_ENV,
     TrainerSpec,
     checkpoint_dir,
     free_bytes,
@@ -353,6 +355,8 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
 
     resolved, tokenizer, data = load_inputs(settings)
     spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
+    # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
+    os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),

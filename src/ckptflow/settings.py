@@ -116,6 +116,20 @@ class TrainSettings(_Group):
         "inprocess", description="Where a chunk runs: this process, a child process, or torchrun (DDP)."
     )
     nproc_per_node: int = Field(2, gt=0, le=_MAX_NPROC, description="Processes per node for launcher=torchrun.")
+    report_to: str = Field(
+        "none",
+        description="HF TrainingArguments.report_to: `none`, or integrations separated by commas "
+        "(tensorboard, mlflow, wandb, ...); TensorBoard logs go to runs/<run>/tensorboard/.",
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, value: str) -> str:
+        names = report_to_list(value)
+        unknown = [n for n in names if n not in REPORT_INTEGRATIONS]
+        if unknown:
+            raise ValueError(f"unknown integration {', '.join(map(repr, unknown))}; HF knows {', '.join(REPORT_INTEGRATIONS)}")
+        return ",".join(names) or "none"
 
     @field_validator("max_steps")
     @classmethod
@@ -195,6 +209,19 @@ class FaultSettings(_Group):
     pause_seconds: FiniteFloat = Field(
         30.0, ge=0, le=_MAX_WAIT_SECONDS, description="How long a pause lasts (seconds)."
     )
+
+
+# Integrations HF TrainingArguments.report_to accepts (transformers.integrations); "all" = every installed one.
+REPORT_INTEGRATIONS = (
+    "all", "azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "mlflow",
+    "neptune", "swanlab", "tensorboard", "trackio", "wandb",
+)  # fmt: skip
+
+
+def report_to_list(value: str) -> list[str]:
+    """`"tensorboard, mlflow"` → ["tensorboard", "mlflow"]; `none` or empty → []."""
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    return [] if names in ([], ["none"]) else names
 
 
 # Top-level settings that may hold credentials: never serialized (to_json), never echoed in errors.
@@ -303,7 +330,7 @@ class Settings(BaseSettings):
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),
             "train": self.train.model_dump(
-                mode="json", exclude={"chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node"}
+                mode="json", exclude={"chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "report_to"}
             ),
             "checkpoint": self.checkpoint.model_dump(
                 mode="json", include={"save_strategy", "save_steps", "eval_strategy", "eval_steps"}

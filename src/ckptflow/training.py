@@ -22,7 +22,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.logline import StepRate, format_log_line
-from ckptflow.settings import Settings
+from ckptflow.settings import Settings, report_to_list
 
 # Margin kept free on disk when min_free_bytes is not set.
 DEFAULT_MIN_FREE_BYTES = 64 * 2**20
@@ -186,6 +186,12 @@ class TrainerSpec:
     settings: Settings
 
 
+# HF's TensorBoard callback reads its log directory from this variable (else a dir inside output_dir).
+TENSORBOARD_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
+# Under the run's directory: one TensorBoard log dir for every chunk of the run.
+TENSORBOARD_DIR = "tensorboard"
+
+
 def sft_config(spec: TrainerSpec):
     """SFTConfig for a chunk: HF saves/evaluates on schedule, keeps everything, never picks a checkpoint."""
     from trl import SFTConfig
@@ -209,7 +215,7 @@ def sft_config(spec: TrainerSpec):
         save_total_limit=None,  # retention is ckptflow's (HF keeps the most *recent*, not the best)
         load_best_model_at_end=False,
         max_length=s.model.max_length,
-        report_to=[],
+        report_to=report_to_list(s.train.report_to) or "none",
         disable_tqdm=True,
         bf16=False,
         fp16=False,

@@ -402,3 +402,13 @@ def test_a_group_variable_that_is_not_json_is_bad_input(home, tmp_path, monkeypa
         load_settings()
     for text in mentions:
         assert text in str(info.value)
+
+
+def test_unknown_report_to_integration_is_refused(home, monkeypatch):
+    from ckptflow.errors import ConfigError
+    from ckptflow.settings import load_settings
+
+    monkeypatch.setenv("CKPTFLOW_TRAIN__REPORT_TO", "tensorbord")
+    with pytest.raises(ConfigError, match="CKPTFLOW_TRAIN__REPORT_TO") as refused:
+        load_settings()
+    assert "tensorboard" in str(refused.value)
