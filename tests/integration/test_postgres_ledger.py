@@ -26,12 +26,6 @@ from ckptflow.ledger.models import Base
 pytestmark = pytest.mark.slow
 
 LEDGER_TABLES = {"runs", "checkpoints", "attempts", "exports", "alembic_version"}
-@pytest.fixture(params=["sqlite", "postgres"])
-def ledger_url(request, tmp_path) -> str:
-    """A fresh, empty ledger database on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return request.getfixturevalue("postgres_url")
 
 
 def _new_run(ledger: Ledger, name: str = "run-a"):
