@@ -37,6 +37,10 @@ class LeaseLostError(RunLockedError):
     """This process's lease on a run was taken over: its writes to the run are refused (fencing)."""
 
 
+class LedgerUnavailableError(CkptflowError):
+    """The ledger's database server stayed unreachable through every retry of one short transaction."""
+
+
 class InsufficientDiskError(CkptflowError):
     """A save would leave less free disk than min_free_bytes, or the disk filled during a save."""
 

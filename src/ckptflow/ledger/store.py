@@ -22,11 +22,20 @@ behalf of a holder (a `Fence`: run, holder, token) first updates the lease row `
 holder = ? AND token = ?` in the same transaction. Once another process took the lease
 over, that matches no row and the write is refused (LeaseLostError); on PostgreSQL the
 row lock it takes also makes a concurrent take-over wait for the write's commit.
+
+On a server database (PostgreSQL) connections can drop: a restart, a failover, a killed
+backend. Idle pooled connections are tested before use (`pool_pre_ping`), and a call whose
+connection drops mid-transaction, or cannot connect, is run again from the start, a few
+times with growing pauses (`_retried_on_disconnect`); every call is one short transaction,
+so a retry repeats all or nothing. When the server stays away the call raises
+LedgerUnavailableError: the training attempt fails, and the next one resumes from what was
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -43,11 +52,11 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from ckptflow.errors import LeaseLostError, RunLockedError
+from ckptflow.errors import LeaseLostError, LedgerUnavailableError, RunLockedError
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.ledger.models import (
     Attempt,
@@ -79,6 +88,11 @@ LEASE_HEARTBEAT_SECONDS = LEASE_TTL_SECONDS / 4
 _NO_HOLDER = ""
 # Rounds of read → compare-and-swap before take_lease gives up on a contended lease.
 _LEASE_CAS_ROUNDS = 20
+# Tries of one ledger call whose server connection drops, and the first pause between them
+# (doubling: 0.25+0.5+1+2+4+4 s ≈ 12 s, long enough for a restart or a failover).
+_DISCONNECT_TRIES = 7
+_DISCONNECT_FIRST_PAUSE_S = 0.25
+_DISCONNECT_MAX_PAUSE_S = 4.0
 
 
 # -- records ---------------------------------------------------------------------------
@@ -299,6 +313,49 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
+# -- lost connections ------------------------------------------------------------------------
+def _is_disconnect(exc: DBAPIError) -> bool:
+    """The connection dropped (SQLAlchemy invalidated it) or could not be made (no statement ran)."""
+    return bool(exc.connection_invalidated) or (isinstance(exc, OperationalError) and exc.statement is None)
+
+
+def _retried_on_disconnect(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a ledger call (one short transaction) again when its server connection drops; not on SQLite.
+
+    Raises LedgerUnavailableError, naming the database and the last error, when every try failed.
+    """
+
+    @functools.wraps(method)
+    def call(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        if self._engine.dialect.name == "sqlite":  # a local file: nothing to reconnect to
+            return method(self, *args, **kwargs)
+        pause, started = _DISCONNECT_FIRST_PAUSE_S, time.monotonic()
+        for attempt in range(1, _DISCONNECT_TRIES + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as exc:
+                if not _is_disconnect(exc):
+                    raise
+                if attempt == _DISCONNECT_TRIES:
+                    raise LedgerUnavailableError(_unavailable_message(self, method.__name__, exc, started)) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, _DISCONNECT_MAX_PAUSE_S)
+        raise AssertionError("unreachable")
+
+    return call
+
+
+def _unavailable_message(ledger: Ledger, call: str, exc: DBAPIError, started: float) -> str:
+    from ckptflow.secrets import mask_url
+
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return (
+        f"the ledger database {mask_url(ledger.url)} stayed unreachable: {call} failed {_DISCONNECT_TRIES} times "
+        f"over {time.monotonic() - started:.0f}s ({reason}). Check that the database server is up and reachable "
+        "from this machine, and CKPTFLOW_LEDGER_URL; what was committed before is kept, and running again resumes from it"
+    )
+
+
 # -- the ledger --------------------------------------------------------------------------
 class Ledger:
     """The SQL ledger. Open with any SQLAlchemy URL; the schema is migrated to head on open."""
@@ -398,6 +455,7 @@ class Ledger:
             )
 
     # -- runs ------------------------------------------------------------------------
+    @_retried_on_disconnect
     def create_run(
         self, name: str, *, fingerprint: str, config: dict[str, Any], base_model: str, total_steps: int
     ) -> RunRecord:
@@ -422,22 +480,26 @@ class Ledger:
         except IntegrityError:
             raise ValueError(f"a run named {name!r} already exists in the ledger") from None
 
+    @_retried_on_disconnect
     def get_run(self, name: str) -> RunRecord | None:
         with self._read() as s:
             run = s.scalar(select(Run).where(Run.name == name))
             return _run_record(run) if run else None
 
+    @_retried_on_disconnect
     def get_run_by_id(self, run_id: int) -> RunRecord:
         """Raises KeyError if there is no such run."""
         with self._read() as s:
             return _run_record(self._run(s, run_id))
 
+    @_retried_on_disconnect
     def list_runs(self) -> list[RunRecord]:
         """All runs, newest first."""
         with self._read() as s:
             rows = s.scalars(select(Run).order_by(Run.created_at.desc(), Run.id.desc()))
             return [_run_record(r) for r in rows]
 
+    @_retried_on_disconnect
     def set_run_status(self, run_id: int, status: RunStatus | str, *, fence: Fence | None = None) -> None:
         status = RunStatus(status)
         with self._write.begin() as s:
@@ -446,6 +508,7 @@ class Ledger:
             run.status = status.value
             run.updated_at = utcnow()
 
+    @_retried_on_disconnect
     def update_run_metrics(self, run_id: int, metrics: dict[str, Any], *, fence: Fence | None = None) -> RunRecord:
         """Shallow-merge `metrics` into the run's metrics; returns the updated run."""
         with self._write.begin() as s:
@@ -456,6 +519,7 @@ class Ledger:
             s.flush()
             return _run_record(run)
 
+    @_retried_on_disconnect
     def rename_run(self, run_id: int, new_name: str) -> None:
         """Raises ValueError if new_name is taken."""
         try:
@@ -503,6 +567,7 @@ class Ledger:
         return out
 
     # -- checkpoints ------------------------------------------------------------------
+    @_retried_on_disconnect
     def begin_checkpoint(self, run_id: int, step: int, path: str, *, fence: Fence | None = None) -> CheckpointRecord:
         """Record that checkpoint `step` is being written; an existing row for that step is reset."""
         now = utcnow()
@@ -518,6 +583,7 @@ class Ledger:
             s.flush()
             return _ckpt_record(ck, self._absolute)
 
+    @_retried_on_disconnect
     def commit_checkpoint(
         self,
         run_id: int,
@@ -550,6 +616,7 @@ class Ledger:
             s.flush()
             return _ckpt_record(ck, self._absolute)
 
+    @_retried_on_disconnect
     def mark_checkpoint(
         self,
         run_id: int,
@@ -570,6 +637,7 @@ class Ledger:
             if state is CheckpointState.PRUNED:
                 ck.pruned_at = utcnow()
 
+    @_retried_on_disconnect
     def checkpoints(self, run_id: int, states: Iterable[CheckpointState | str] | None = None) -> list[CheckpointRecord]:
         """The run's checkpoints (optionally only those in `states`), by step ascending."""
         q = select(Checkpoint).where(Checkpoint.run_id == run_id)
@@ -578,12 +646,14 @@ class Ledger:
         with self._read() as s:
             return [_ckpt_record(c, self._absolute) for c in s.scalars(q.order_by(Checkpoint.step))]
 
+    @_retried_on_disconnect
     def get_checkpoint(self, run_id: int, step: int) -> CheckpointRecord | None:
         with self._read() as s:
             ck = self._ckpt(s, run_id, step)
             return _ckpt_record(ck, self._absolute) if ck else None
 
     # -- attempts ---------------------------------------------------------------------
+    @_retried_on_disconnect
     def start_attempt(
         self,
         run_id: int,
@@ -618,6 +688,7 @@ class Ledger:
             s.flush()
             return _attempt_record(a)
 
+    @_retried_on_disconnect
     def finish_attempt(
         self, attempt_id: int, status: AttemptStatus | str, error: str | None = None, *, fence: Fence | None = None
     ) -> None:
@@ -627,6 +698,7 @@ class Ledger:
             self._fence_check(s, a.run_id, fence)
             a.status, a.error, a.finished_at = status.value, error, utcnow()
 
+    @_retried_on_disconnect
     def abandon_attempts(self, run_id: int, error: str, *, fence: Fence | None = None) -> list[AttemptRecord]:
         """Mark the run's `running` attempts failed with `error`; returns them as they were.
 
@@ -648,6 +720,7 @@ class Ledger:
                 a.status, a.error, a.finished_at = AttemptStatus.FAILED.value, error, now
             return before
 
+    @_retried_on_disconnect
     def add_attempt_note(self, attempt_id: int, note: str, *, fence: Fence | None = None) -> None:
         """Append one line to the attempt's notes."""
         with self._write.begin() as s:
@@ -655,6 +728,7 @@ class Ledger:
             self._fence_check(s, a.run_id, fence)
             a.notes = f"{a.notes}\n{note}" if a.notes else note
 
+    @_retried_on_disconnect
     def attempts(self, run_id: int) -> list[AttemptRecord]:
         """The run's attempts in the order they started."""
         with self._read() as s:
@@ -662,6 +736,7 @@ class Ledger:
             return [_attempt_record(a) for a in rows]
 
     # -- exports ----------------------------------------------------------------------
+    @_retried_on_disconnect
     def record_export(
         self,
         run_id: int,
@@ -691,12 +766,14 @@ class Ledger:
             s.flush()
             return _export_record(e, ck.step, self._absolute)
 
+    @_retried_on_disconnect
     def set_promoted(self, export_id: int, promoted: bool) -> None:
         with self._write.begin() as s:
             res = s.execute(update(Export).where(Export.id == export_id).values(promoted=bool(promoted)))
             if res.rowcount == 0:
                 raise KeyError(f"no export with id {export_id}")
 
+    @_retried_on_disconnect
     def promote_export(self, export_id: int) -> None:
         """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
         old champion or the new one promoted, never none or two.
@@ -711,6 +788,7 @@ class Ledger:
             s.execute(update(Export).where(Export.promoted.is_(True), Export.id != export_id).values(promoted=False))
             s.execute(update(Export).where(Export.id == export_id).values(promoted=True))
 
+    @_retried_on_disconnect
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
         """Exports (of one run, or all), oldest first."""
         q = select(Export, Checkpoint.step).join(Checkpoint, Checkpoint.id == Export.checkpoint_id)
@@ -720,6 +798,7 @@ class Ledger:
             return [_export_record(e, step, self._absolute) for e, step in s.execute(q.order_by(Export.id))]
 
     # -- leases -----------------------------------------------------------------------
+    @_retried_on_disconnect
     def take_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> LeaseGrant:
         """Become the run's only writer, or raise RunLockedError naming the live holder.
 
@@ -766,6 +845,7 @@ class Ledger:
         """`take_lease`, returning only a description of the holder taken over, if any."""
         return self.take_lease(run_id, holder, ttl_seconds=ttl_seconds).taken_over
 
+    @_retried_on_disconnect
     def current_fence(self, run_id: int, holder: str) -> Fence:
         """The fence of `holder`'s current acquisition; raises LeaseLostError if it does not hold the lease."""
         with self._read() as s:
@@ -777,6 +857,7 @@ class Ledger:
             )
         return Fence(run_id, holder, lease.token)
 
+    @_retried_on_disconnect
     def check_lease(self, run_id: int, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
         """Raise RunLockedError if a live holder has the run's lease (as take_lease would); writes nothing.
 
@@ -790,6 +871,7 @@ class Ledger:
                 if refusal:
                     raise RunLockedError(refusal)
 
+    @_retried_on_disconnect
     def heartbeat(self, run_id: int, holder: str, *, token: int | None = None) -> None:
         """Prove the holder is alive. Raises LeaseLostError if the lease was lost (taken over or released).
 
@@ -806,6 +888,7 @@ class Ledger:
                     f"{holder} no longer holds the lease of run {run_id}: another process took it over"
                 )
 
+    @_retried_on_disconnect
     def release_lease(self, run_id: int, holder: str) -> None:
         """Give the lease up; a no-op if `holder` does not hold it. The row (and its token) stays."""
         with self._write.begin() as s:
@@ -813,6 +896,7 @@ class Ledger:
                 update(Lease).where(Lease.run_id == run_id, Lease.holder == holder).values(holder=_NO_HOLDER, pid=0)
             )
 
+    @_retried_on_disconnect
     def lease_holder(self, run_id: int) -> str | None:
         with self._read() as s:
             lease = s.get(Lease, run_id)

@@ -1,0 +1,129 @@
+"""The ledger on a real PostgreSQL server under stress: lost connections and two trainings at once.
+
+Connections are really killed (`pg_terminate_backend`) and the database really refuses
+connections (`ALLOW_CONNECTIONS false`) on the session's server (tests/postgres.py); an event
+hook only chooses the instant. Two `ckptflow run` processes (each with Prefect's temporary
+server) train two runs at once into one Postgres ledger.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from psycopg import sql
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+
+from ckptflow.errors import LedgerUnavailableError
+from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunStatus
+
+pytestmark = pytest.mark.slow
+
+
+def _new_run(ledger: Ledger, name: str = "run-a"):
+    return ledger.create_run(name, fingerprint="fp", config={}, base_model="builtin:tiny-gpt2", total_steps=8)
+
+
+def _backend_pids(server, database: str) -> list[int]:
+    with server.connect() as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+        return [pid for (pid,) in rows]
+
+
+def _terminate(server, pids: list[int]) -> None:
+    with server.connect() as conn:
+        for pid in pids:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def _allow_connections(server, database: str, allowed: bool) -> None:
+    """Open or close the database to new connections (as a server that is down would), killing the open ones."""
+    with server.connect() as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(sql.Identifier(database), sql.Literal(allowed)))
+    if not allowed:
+        _terminate(server, _backend_pids(server, database))
+
+
+def test_connections_killed_between_calls_are_replaced(postgres_server, postgres_url):
+    database = make_url(postgres_url).database
+    with Ledger(postgres_url) as ledger:
+        run = _new_run(ledger)
+        killed = _backend_pids(postgres_server, database)
+        assert killed, "the ledger keeps a pooled connection"
+        _terminate(postgres_server, killed)
+        ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")  # the dead pooled connection fails its pre-ping
+        assert not set(killed) & set(_backend_pids(postgres_server, database))
+        assert [c.step for c in ledger.checkpoints(run.id)] == [2]
+
+
+def _kill_once_at(ledger: Ledger, server, statement_prefix: str) -> list[str]:
+    """Kill the ledger's own backend just before its first statement starting with `statement_prefix`."""
+    fired: list[str] = []
+
+    def before(conn, cursor, statement, parameters, context, executemany):
+        if not fired and statement.lstrip().upper().startswith(statement_prefix):
+            fired.append(statement)
+            _terminate(server, [conn.connection.dbapi_connection.info.backend_pid])
+
+    event.listen(ledger._engine, "before_cursor_execute", before)  # noqa: SLF001 - only picks the instant
+    return fired
+
+
+@pytest.mark.parametrize(
+    ("statement", "call", "check"),
+    [
+        (
+            "UPDATE CHECKPOINTS",
+            lambda led, run: led.commit_checkpoint(run.id, 2, epoch=1.0, metrics={"eval_loss": 1.0}, bytes=5, manifest_sha256="s"),
+            lambda led, run: [(c.step, c.state) for c in led.checkpoints(run.id)] == [(2, CheckpointState.COMMITTED)],
+        ),
+        (
+            "INSERT INTO ATTEMPTS",
+            lambda led, run: led.start_attempt(run.id, chunk=0, start_step=0, end_step=4, resumed_from_step=None),
+            lambda led, run: [(a.attempt, a.status) for a in led.attempts(run.id)] == [(1, AttemptStatus.RUNNING)],
+        ),
+        (
+            "UPDATE LEASES",
+            lambda led, run: led.take_lease(run.id, "new", ttl_seconds=0),
+            lambda led, run: led.lease_holder(run.id) == "new" and led.current_fence(run.id, "new").token == 2,
+        ),
+    ],
+    ids=["commit_checkpoint", "start_attempt", "take_lease"],
+)
+def test_a_connection_killed_during_a_call_is_retried_once_and_writes_once(postgres_server, postgres_url, statement, call, check):
+    with Ledger(postgres_url) as ledger:
+        run = _new_run(ledger)
+        ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")
+        ledger.take_lease(run.id, "old")
+        fired = _kill_once_at(ledger, postgres_server, statement)
+        call(ledger, run)
+        assert len(fired) == 1, "the hook killed the connection mid-call"
+    with Ledger(postgres_url) as fresh:  # read back through new connections
+        assert check(fresh, run)
+
+
+def test_a_database_that_stays_away_fails_the_call_clearly_and_loses_nothing(postgres_server, postgres_url):
+    database = make_url(postgres_url).database
+    with Ledger(postgres_url) as ledger:
+        run = _new_run(ledger)
+        ledger.commit_checkpoint(run.id, 2, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/x/checkpoint-2")
+        _allow_connections(postgres_server, database, False)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(LedgerUnavailableError) as refused:
+                ledger.commit_checkpoint(run.id, 4, epoch=2.0, metrics={}, bytes=1, manifest_sha256="s", path="/x/checkpoint-4")
+            waited = time.monotonic() - t0
+        finally:
+            _allow_connections(postgres_server, database, True)
+        message = str(refused.value)
+        assert "commit_checkpoint failed 7 times" in message and "CKPTFLOW_LEDGER_URL" in message
+        assert "is not currently accepting connections" in message, message  # the server's own words
+        assert postgres_server.password not in message  # the URL is masked
+        assert 8 < waited < 60, waited
+        # The server is back: the same Ledger works again, and what was committed before is there.
+        assert [(c.step, c.state) for c in ledger.checkpoints(run.id)] == [(2, CheckpointState.COMMITTED)]
+        ledger.commit_checkpoint(run.id, 4, epoch=2.0, metrics={}, bytes=1, manifest_sha256="s", path="/x/checkpoint-4")
+        assert [c.step for c in ledger.checkpoints(run.id, [CheckpointState.COMMITTED])] == [2, 4]
+        assert ledger.get_run_by_id(run.id).status is RunStatus.RUNNING
