@@ -127,3 +127,49 @@ def test_a_database_that_stays_away_fails_the_call_clearly_and_loses_nothing(pos
         ledger.commit_checkpoint(run.id, 4, epoch=2.0, metrics={}, bytes=1, manifest_sha256="s", path="/x/checkpoint-4")
         assert [c.step for c in ledger.checkpoints(run.id, [CheckpointState.COMMITTED])] == [2, 4]
         assert ledger.get_run_by_id(run.id).status is RunStatus.RUNNING
+
+
+# -- two trainings at once ---------------------------------------------------------------------
+RUN_NAMES = ("left", "right")
+
+
+def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home, postgres_url, tmp_path):
+    """The must-show: two real `ckptflow run` processes (each with its own Prefect temporary server) at once."""
+    import json
+
+    from tests.drills import LAST_STEP, cli
+
+    started = time.monotonic()
+    procs = {
+        name: cli(
+            "run", "--run-name", name,
+            home=home,
+            env={"CKPTFLOW_LEDGER_URL": postgres_url, "PREFECT_HOME": str(tmp_path / f"prefect-{name}")},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )
+        for name in RUN_NAMES
+    }
+    outputs = {name: p.communicate(timeout=600) for name, p in procs.items()}
+    elapsed = time.monotonic() - started
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name}: {outputs[name][1][-4000:]}"
+    assert not (home / "ledger.db").exists()  # everything went to Postgres
+
+    spans = []
+    with Ledger(postgres_url, home=home) as ledger:
+        for name in RUN_NAMES:
+            run = ledger.get_run(name)
+            assert run.status is RunStatus.COMPLETED and run.total_steps == LAST_STEP
+            rows = ledger.checkpoints(run.id)
+            committed = [c.step for c in rows if c.state is CheckpointState.COMMITTED]
+            assert committed and committed[-1] == LAST_STEP, [(c.step, c.state) for c in rows]
+            assert all((home / "runs" / name / "checkpoints" / f"checkpoint-{s}").is_dir() for s in committed)
+            assert all(a.status is AttemptStatus.COMPLETED for a in ledger.attempts(run.id))
+            assert ledger.lease_holder(run.id) is None and len(ledger.exports(run.id)) == 1
+            spans.append((min(c.created_at for c in rows), max(c.created_at for c in rows)))
+    # They really overlapped: each saved checkpoints while the other was training.
+    assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
+    for name in RUN_NAMES:  # every committed checkpoint re-hashes clean, read through the Postgres ledger
+        verify = cli("verify", name, "--json", home=home, env={"CKPTFLOW_LEDGER_URL": postgres_url})
+        assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout + verify.stderr[-2000:]
+    print(f"two `ckptflow run`s on one Postgres ledger: both completed in {elapsed:.0f}s")
