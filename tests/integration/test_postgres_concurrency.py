@@ -173,3 +173,72 @@ def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home,
         verify = cli("verify", name, "--json", home=home, env={"CKPTFLOW_LEDGER_URL": postgres_url})
         assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout + verify.stderr[-2000:]
     print(f"two `ckptflow run`s on one Postgres ledger: both completed in {elapsed:.0f}s")
+
+
+# -- a training attempt while the ledger goes away -----------------------------------------------
+# How long the database stays closed: longer than one call's retries (~12 s), so that call fails.
+OUTAGE_SECONDS = 16.0
+
+
+def test_an_attempt_whose_ledger_goes_away_fails_cleanly_and_the_next_resumes(
+    home, postgres_server, postgres_url, monkeypatch
+):
+    """Mid-chunk, at its first checkpoint write, the database refuses connections for longer than the retries:
+    the attempt fails with LedgerUnavailableError; once it is back, the next attempt resumes from what was committed."""
+    import threading
+
+    from sqlalchemy.engine import Engine
+
+    from ckptflow.planning import chunk_plan
+    from tests.drills import DRILL_ENV, LAST_STEP
+    from tests.helpers import committed_steps, job_for, run_chunk, settings_for
+
+    database = make_url(postgres_url).database
+    for key, value in {**DRILL_ENV, "CKPTFLOW_LEDGER_URL": postgres_url}.items():
+        monkeypatch.setenv(key, value)
+    settings = settings_for(home)
+    chunks = chunk_plan(LAST_STEP, settings.train.chunk_steps, settings.checkpoint.save_steps)
+    assert len(chunks) == 2
+
+    # 1. Chunk 0 trains and commits normally.
+    from ckptflow import pipeline
+
+    opened = pipeline.open_or_create_run(settings, pipeline.prepare(settings), "outage", False)
+    run_chunk(job_for(settings, opened.run.name, chunks[0]))
+    before = committed_steps(settings, "outage")
+    assert before and before[-1] == chunks[0].end_step
+
+    # 2. Chunk 1: the database closes at its first checkpoint write and reopens OUTAGE_SECONDS later.
+    outage: list[float] = []
+    reopened = threading.Event()
+
+    def close_once(conn, cursor, statement, parameters, context, executemany):
+        if outage or not statement.lstrip().upper().startswith(("INSERT INTO CHECKPOINTS", "UPDATE CHECKPOINTS")):
+            return
+        outage.append(time.monotonic())
+        _allow_connections(postgres_server, database, False)
+
+        def reopen():
+            _allow_connections(postgres_server, database, True)
+            reopened.set()
+
+        threading.Timer(OUTAGE_SECONDS, reopen).start()
+
+    event.listen(Engine, "before_cursor_execute", close_once)
+    try:
+        with pytest.raises(LedgerUnavailableError, match="stayed unreachable"):
+            run_chunk(job_for(settings, "outage", chunks[1]))
+    finally:
+        event.remove(Engine, "before_cursor_execute", close_once)
+        assert reopened.wait(OUTAGE_SECONDS + 30)
+    assert outage, "the database was closed during chunk 1"
+
+    # 3. Nothing committed was lost; the next attempt resumes from it and finishes the run.
+    assert committed_steps(settings, "outage")[: len(before)] == before
+    result = run_chunk(job_for(settings, "outage", chunks[1]))
+    assert result.resumed_from_step == before[-1]
+    assert committed_steps(settings, "outage")[-1] == LAST_STEP
+    with Ledger(postgres_url, home=home) as ledger:
+        run = ledger.get_run("outage")
+        chunk1 = [(a.attempt, a.status) for a in ledger.attempts(run.id) if a.chunk == 1]
+    assert chunk1 == [(1, AttemptStatus.FAILED), (2, AttemptStatus.COMPLETED)], chunk1

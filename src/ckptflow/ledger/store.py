@@ -389,6 +389,7 @@ class Ledger:
         self._engine.dispose()
 
     # -- schema ----------------------------------------------------------------------
+    @_retried_on_disconnect  # also makes opening a Ledger wait out a short outage (it reads this first)
     def current_revision(self) -> str | None:
         with self._engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
