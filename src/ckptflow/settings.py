@@ -79,6 +79,10 @@ class ModelSettings(_Group):
     lora_target_modules: list[NonEmptyStr] | None = Field(
         None, description="Module names to adapt; empty = PEFT's default for the architecture."
     )
+    lora_modules_to_save: list[NonEmptyStr] | None = Field(
+        None,
+        description="PEFT modules_to_save: modules trained in full and saved with the adapter (e.g. ln_f); empty = none.",
+    )
     max_length: int = Field(128, gt=0, le=_MAX_LENGTH, description="Tokens per example after truncation.")
 
 
