@@ -183,6 +183,12 @@ class ExportSettings(_Group):
     promotion_margin: FiniteFloat = Field(
         0.0, ge=0.0, description="retrain: challenger must beat the champion's metric by at least this much."
     )
+    keep_challengers: int = Field(
+        3,
+        ge=0,
+        le=_MAX_COUNT,
+        description="retrain: challenger exports kept besides the champion and the previous champion; older ones are pruned.",
+    )
 
 
 class FaultSettings(_Group):

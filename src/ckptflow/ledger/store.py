@@ -142,6 +142,9 @@ class ExportRecord:
     metrics: dict[str, Any]
     promoted: bool
     created_at: datetime
+    promoted_at: datetime | None = None
+    pruned_at: datetime | None = None
+    pruned_reason: str | None = None
 
 
 def _run_record(r: Run) -> RunRecord:
@@ -207,6 +210,9 @@ def _export_record(e: Export, step: int, absolute: Callable[[str], str]) -> Expo
         metrics=dict(e.metrics or {}),
         promoted=bool(e.promoted),
         created_at=e.created_at,
+        promoted_at=e.promoted_at,
+        pruned_at=e.pruned_at,
+        pruned_reason=e.pruned_reason,
     )
 
 
@@ -697,7 +703,7 @@ class Ledger:
             if res.rowcount == 0:
                 raise KeyError(f"no export with id {export_id}")
 
-    def promote_export(self, export_id: int) -> None:
+    def promote_export(self, export_id: int, *, rollback: bool = False) -> None:
         """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
         old champion or the new one promoted, never none or two.
 
@@ -709,7 +715,19 @@ class Ledger:
             if s.get(Export, export_id) is None:
                 raise KeyError(f"no export with id {export_id}")
             s.execute(update(Export).where(Export.promoted.is_(True), Export.id != export_id).values(promoted=False))
-            s.execute(update(Export).where(Export.id == export_id).values(promoted=True))
+            # A rollback restores an earlier champion without making it "newer" than the one it replaces.
+            stamp = {} if rollback else {"promoted_at": utcnow()}
+            s.execute(update(Export).where(Export.id == export_id).values(promoted=True, **stamp))
+
+    def mark_export_pruned(self, export_id: int, reason: str) -> None:
+        """Record that export retention deleted this export's files (the row stays). Never the champion."""
+        with self._write.begin() as s:
+            e = s.get(Export, export_id)
+            if e is None:
+                raise KeyError(f"no export with id {export_id}")
+            if e.promoted:
+                raise ValueError(f"export {export_id} is the champion: it is never pruned")
+            e.pruned_at, e.pruned_reason = utcnow(), reason
 
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
         """Exports (of one run, or all), oldest first."""
