@@ -11,7 +11,7 @@ from ckptflow.chunks import lease_holder_id
 from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.ledger import RunStatus
 from ckptflow.params import FinetuneOverrides, settings_overrides
-from ckptflow.planning import chunk_plan
+from ckptflow.planning import schedule_for
 from ckptflow.quiet import quiet_libraries
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
@@ -34,9 +34,11 @@ def resolve_settings(config_file: str | None, overrides: FinetuneOverrides | dic
     return settings.model_copy(update={"home": settings.home.resolve()})
 
 
-def train_all_chunks(settings: Settings, run_name: str, total_steps: int, progress: RunProgress) -> list:
+def train_all_chunks(
+    settings: Settings, run_name: str, total_steps: int, train_rows: int, progress: RunProgress
+) -> list:
     results = []
-    for chunk in chunk_plan(total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
+    for chunk in schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks:  # as `ckptflow plan`
         task = train_chunk.with_options(
             retries=settings.train.retries,
             retry_delay_seconds=settings.train.retry_delay_seconds,
@@ -87,7 +89,7 @@ def finetune(
     with pipeline.run_lease(settings, name, lease_holder_id()):
         try:
             progress = RunProgress(name, opened.run.total_steps, _steps_done(settings, name))
-            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, progress)
+            result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, prepared.train_rows, progress)
             result["evaluation"] = evaluate(settings, name)
             result["export"] = export_best(settings, name)
             pipeline.set_status(settings, name, RunStatus.COMPLETED)

@@ -24,18 +24,18 @@ from ckptflow.integrity import dir_bytes, quarantine, write_manifest
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunRecord
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
-from ckptflow.planning import Chunk
+from ckptflow.planning import Chunk, Schedule, schedule_for
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
     DEFAULT_MIN_FREE_BYTES,
-    ChunkStopCallback,
     CommitCallback,
     DiskGuardCallback,
     FaultInjectionCallback,
     HeartbeatCallback,
     LogCallback,
     PauseCallback,
+    ScheduleCallback,
     TrainerSpec,
     checkpoint_dir,
     free_bytes,
@@ -297,6 +297,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
 
     resolved, tokenizer, data = load_inputs(settings)
     spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
+    schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -304,7 +305,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan.attempt),
+        callbacks=_callbacks(ledger, run, settings, job, plan.attempt, schedule),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
@@ -325,7 +326,9 @@ def _pause_mid_save(trainer: Any) -> None:
     trainer._save_optimizer_and_scheduler = paused
 
 
-def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, attempt: int) -> list:
+def _callbacks(
+    ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, attempt: int, schedule: Schedule
+) -> list:
     ckpt_root = settings.checkpoints_dir(run.name)
 
     def begin(step: int) -> None:
@@ -351,7 +354,7 @@ def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob
 
     callbacks: list = [
         PauseCallback(),
-        ChunkStopCallback(job.end_step),
+        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
         DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
         LogCallback(log),
     ]

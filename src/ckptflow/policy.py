@@ -42,6 +42,7 @@ __all__ = [
     "decide_retention",
     "format_bytes",
     "retention_policy",
+    "save_interval",
     "save_policy",
 ]
 
@@ -411,7 +412,11 @@ def save_policy(ck: CheckpointSettings, steps_per_epoch: int) -> SavePolicy:
 
     Chunk-boundary saves are composed on top by the caller (`AnySave((save_policy(...), AtSteps(...)))`).
     """
+    return AnySave((EveryNSteps(save_interval(ck, steps_per_epoch)), FinalStep()))
+
+
+def save_interval(ck: CheckpointSettings, steps_per_epoch: int) -> int:
+    """Optimizer steps between HF's saves: `save_steps`, or one epoch under save_strategy=epoch."""
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    interval = ck.save_steps if ck.save_strategy == "steps" else steps_per_epoch
-    return AnySave((EveryNSteps(interval), FinalStep()))
+    return ck.save_steps if ck.save_strategy == "steps" else steps_per_epoch
