@@ -1,8 +1,9 @@
 """The run plan that `ckptflow plan` prints: chunks, save/eval points, what is kept, disk.
 
 Pure arithmetic over the checkpoint settings and numbers the caller measures (steps per
-epoch, bytes per checkpoint, free disk). What is kept comes from the real retention policy
-objects, so the plan agrees with what a real run keeps.
+epoch, bytes per checkpoint, free disk). The schedule (`schedule_for`: chunk ends, save and
+eval points) is the one the flow trains by and every chunk's trainer saves and evaluates by;
+what is kept comes from the real retention policy objects. So the plan is what a run does.
 """
 
 from __future__ import annotations

@@ -86,6 +86,7 @@ def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home, prefect_server)
     """The authoritative check (two `ckptflow run` may both pass the CLI's early one): the flow's lease."""
     from ckptflow.errors import RunLockedError
     from flows.finetune import finetune
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tests.drills import DRILL_ENV
@@ -101,6 +102,7 @@ def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home, prefect_server)
         with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):  # the drills' server, in this process
             with pytest.raises(RunLockedError, match="already being trained"):
                 finetune(run_name="held", overrides=overrides)
+            APILogWorker.drain_all()  # now, while the session's server still runs (not at interpreter exit)
         after = watcher.state()
         assert after.attempts == before.attempts and after.rows == before.rows and after.lease == before.lease
     finally:
