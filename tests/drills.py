@@ -2,7 +2,7 @@
 
 Every drill process is the real CLI (`ckptflow run` = the `finetune` flow of flows/finetune.py,
 `ckptflow export`), reporting to one real `prefect server start` per test session
-(`running_prefect_server`, the session fixture `prefect_server`: ~10 s once, instead of a temporary server per process). The processes are
+(`session_server`: ~10 s once, instead of a temporary server per process). The processes are
 forked from a multiprocessing forkserver that imported torch/TRL/Prefect/the flow once
 (`PRELOAD`, `run_forked`): each is still a real process that is SIGKILLed for real, but starts
 in milliseconds instead of ~10 s of imports. The forkserver only imports modules — it starts no
@@ -14,6 +14,7 @@ sleeping; `settings.fault.pause_at` only makes short-lived states last long enou
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import multiprocessing
@@ -39,18 +40,19 @@ from tests.helpers import ADAPTER_FILE, adapter_weights, max_abs_diff
 REPO = Path(__file__).resolve().parents[1]
 
 # The run every drill trains: 8 steps, chunks of 4, a save (and eval) every 2 steps, keep the
-# 2 most recent (so pruning happens during training: checkpoint-2 when 6 commits). No Prefect
-# retries: a drill kills the whole process, and a failure should show, not be retried away.
+# 2 most recent (so pruning happens during training: checkpoint-2 when 6 commits).
 DRILL_ENV = {
     "CKPTFLOW_TRAIN__MAX_STEPS": "8",
     "CKPTFLOW_TRAIN__CHUNK_STEPS": "4",
-    "CKPTFLOW_TRAIN__RETRIES": "0",
     "CKPTFLOW_CHECKPOINT__SAVE_STEPS": "2",
     "CKPTFLOW_CHECKPOINT__EVAL_STEPS": "2",
     "CKPTFLOW_CHECKPOINT__SAVE_TOTAL_LIMIT": "2",
     "CKPTFLOW_CHECKPOINT__RETENTION": "recent",
 }
 LAST_STEP = 8
+# Forked drill processes run without Prefect retries: an injected fault or a full disk ends the
+# process with exit 1 (what a drill then reruns), instead of being retried away.
+DRIVER_ENV = {"CKPTFLOW_TRAIN__RETRIES": "0"}
 # Environment of every drill process: offline, no analytics, one torch thread (same numerics everywhere).
 PROCESS_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -132,6 +134,15 @@ def running_prefect_server(root: Path) -> Iterator[PrefectServer]:
                 break
 
 
+@functools.cache
+def session_server() -> PrefectServer:
+    """The one Prefect server of this test process, started on first use and stopped at exit."""
+    server = running_prefect_server(Path(tempfile.mkdtemp(prefix="ckptflow-prefect-")))
+    started = server.__enter__()
+    atexit.register(server.__exit__, None, None, None)
+    return started
+
+
 def _wait_healthy(api_url: str, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
@@ -208,14 +219,13 @@ def run_forked(argv: list[str], env: dict[str, str], cwd: str, log_path: str, ap
 class Driver:
     """One forked `ckptflow run --run-name RUN` (or `ckptflow export RUN`) process on `home`."""
 
-    def __init__(
-        self, server: PrefectServer, home: Path, run_name: str, env: dict[str, str] | None = None, command: str = "run"
-    ) -> None:
+    def __init__(self, home: Path, run_name: str, env: dict[str, str] | None = None, command: str = "run") -> None:
         self.home, self.run_name = Path(home), run_name
         self.log = self.home.parent / f"{run_name}-{time.monotonic_ns()}.log"
         self.home.mkdir(parents=True, exist_ok=True)
-        full_env = {"CKPTFLOW_HOME": str(self.home), **DRILL_ENV, **(env or {})}
+        full_env = {"CKPTFLOW_HOME": str(self.home), **DRILL_ENV, **DRIVER_ENV, **(env or {})}
         argv = ["run", "--run-name", run_name] if command == "run" else [command, run_name]
+        server = session_server()
         args = (argv, full_env, str(self.home.parent), str(self.log), server.api_url)
         self.proc = _forkserver(server).Process(target=run_forked, args=args)
         self.proc.start()
@@ -241,10 +251,8 @@ class Driver:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def run_driver(
-    server: PrefectServer, home: Path, run_name: str, env: dict[str, str] | None = None, command: str = "run"
-) -> tuple[int, str]:
-    d = Driver(server, home, run_name, env, command)
+def run_driver(home: Path, run_name: str, env: dict[str, str] | None = None, command: str = "run") -> tuple[int, str]:
+    d = Driver(home, run_name, env, command)
     code = d.wait()
     return code, d.output()
 
@@ -366,10 +374,10 @@ def full_verify(home: Path, run_name: str) -> dict[int, list[str]]:
 
 
 @functools.cache
-def reference_adapter(server: PrefectServer, extra_env: tuple[tuple[str, str], ...] = ()) -> Path:
+def reference_adapter(extra_env: tuple[tuple[str, str], ...] = ()) -> Path:
     """Final adapter of an uninterrupted drill run (trained once per session and settings)."""
     root = Path(tempfile.mkdtemp(prefix="ckptflow-reference-"))
-    code, out = run_driver(server, root / "home", "reference", dict(extra_env))
+    code, out = run_driver(root / "home", "reference", dict(extra_env))
     assert code == 0, out
     path = root / "home" / "runs" / "reference" / "checkpoints" / f"checkpoint-{LAST_STEP}" / ADAPTER_FILE
     keep = root / "reference-adapter.safetensors"
@@ -379,20 +387,18 @@ def reference_adapter(server: PrefectServer, extra_env: tuple[tuple[str, str], .
     return keep
 
 
-def reference_export(server: PrefectServer, extra_env: tuple[tuple[str, str], ...] = ()) -> Path:
-    return reference_adapter(server, extra_env).with_name("reference-export.safetensors")
+def reference_export(extra_env: tuple[tuple[str, str], ...] = ()) -> Path:
+    return reference_adapter(extra_env).with_name("reference-export.safetensors")
 
 
-def final_diff(server: PrefectServer, home: Path, run_name: str, extra_env: tuple[tuple[str, str], ...] = ()) -> float:
+def final_diff(home: Path, run_name: str, extra_env: tuple[tuple[str, str], ...] = ()) -> float:
     """max |Δ| between this run's final adapter and the uninterrupted reference's."""
     final = home / "runs" / run_name / "checkpoints" / f"checkpoint-{LAST_STEP}"
-    return max_abs_diff(adapter_weights(final), _load(reference_adapter(server, extra_env)))
+    return max_abs_diff(adapter_weights(final), _load(reference_adapter(extra_env)))
 
 
-def export_diff(server: PrefectServer, home: Path, run_name: str, extra_env: tuple[tuple[str, str], ...] = ()) -> float:
-    return max_abs_diff(
-        _load(home / "exports" / run_name / "model.safetensors"), _load(reference_export(server, extra_env))
-    )
+def export_diff(home: Path, run_name: str, extra_env: tuple[tuple[str, str], ...] = ()) -> float:
+    return max_abs_diff(_load(home / "exports" / run_name / "model.safetensors"), _load(reference_export(extra_env)))
 
 
 def _load(path: Path) -> dict:

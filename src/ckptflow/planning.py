@@ -46,6 +46,7 @@ DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024  # free-disk margin when min_free_byte
 CHUNKS_PER_RUN = 4  # auto chunking aims at about this many Prefect tasks per run
 ADAMW_STATE_BYTES_PER_PARAM = 2 * 4  # exp_avg + exp_avg_sq, fp32
 CHECKPOINT_EXTRA_BYTES = 64 * 1024  # rng_state, scheduler, trainer_state, tokenizer, configs
+_MAX_LISTED = 8  # steps named in one warning
 
 
 @dataclass(frozen=True)
@@ -135,20 +136,21 @@ def save_points(total_steps: int, ck: CheckpointSettings, steps_per_epoch: int, 
     return [s for s in range(1, total_steps + 1) if policy.should_save(s, total_steps)]
 
 
-def eval_points(total_steps: int, ck: CheckpointSettings, steps_per_epoch: int, saves: Sequence[int]) -> list[int]:
-    """Every eval_steps (or every epoch end), the last step, and every save — so that every
-    checkpoint has the metric retention=best and export rank it by; [] when eval_strategy is `no`."""
+def eval_points(total_steps: int, ck: CheckpointSettings, steps_per_epoch: int) -> list[int]:
+    """Every eval_steps (or every epoch end) and the last step, as HF evaluates; [] when eval_strategy
+    is `no`. Never chunk ends: an evaluation draws from the RNG (its DataLoader's seed), so evaluating
+    at chunk ends would make the weights depend on chunk_steps."""
     if not ck.evaluates:
         return []
     every = ck.eval_steps if ck.eval_strategy == "steps" else steps_per_epoch
-    return sorted({*range(every, total_steps + 1, every), total_steps, *saves})
+    return sorted({*range(every, total_steps + 1, every), total_steps})
 
 
 def run_schedule(ck: CheckpointSettings, *, total_steps: int, steps_per_epoch: int, chunk_steps: int) -> Schedule:
     """The schedule of a run of `total_steps` optimizer steps (`chunk_steps=0`: automatic chunks)."""
     chunks = chunk_plan(total_steps, chunk_steps, save_interval(ck, steps_per_epoch))
     saves = save_points(total_steps, ck, steps_per_epoch, chunks)
-    return Schedule(total_steps, steps_per_epoch, chunks, saves, eval_points(total_steps, ck, steps_per_epoch, saves))
+    return Schedule(total_steps, steps_per_epoch, chunks, saves, eval_points(total_steps, ck, steps_per_epoch))
 
 
 def schedule_for(settings: Settings, *, total_steps: int, train_rows: int) -> Schedule:
@@ -192,7 +194,7 @@ def make_plan(
     needed = _disk_needed(ck, on_disk, len(saves), bytes_per_checkpoint)
     margin = DEFAULT_MIN_FREE_BYTES if ck.min_free_bytes is None else ck.min_free_bytes
     fits = needed + margin <= free_bytes
-    warnings = _warnings(ck, bytes_per_checkpoint, needed, margin, free_bytes, fits)
+    warnings = _warnings(ck, schedule, bytes_per_checkpoint, needed, margin, free_bytes, fits)
     at = _at_step(ck, saves, at_step, bytes_per_checkpoint) if at_step is not None else None
     return Plan(
         total_steps=schedule.total_steps,
@@ -269,8 +271,14 @@ def _disk_needed(ck: CheckpointSettings, on_disk: int, n_saves: int, bytes_per_c
     return min(needed, max(ck.max_total_bytes, protected))
 
 
+def _listed(steps: Sequence[int]) -> str:
+    shown = ", ".join(map(str, steps[:_MAX_LISTED]))
+    return shown + (f", … ({len(steps)} in all)" if len(steps) > _MAX_LISTED else "")
+
+
 def _warnings(
     ck: CheckpointSettings,
+    schedule: Schedule,
     bytes_per_checkpoint: int,
     needed: int,
     margin: int,
@@ -289,6 +297,13 @@ def _warnings(
             f"max_total_bytes={format_bytes(ck.max_total_bytes)} is smaller than one checkpoint "
             f"({format_bytes(bytes_per_checkpoint)}): only protected checkpoints are kept and they exceed the budget; "
             "raise CKPTFLOW_CHECKPOINT__MAX_TOTAL_BYTES"
+        )
+    unevaluated = sorted(set(schedule.save_points) - set(schedule.eval_points))
+    if ck.retention == "best" and ck.evaluates and unevaluated:
+        grid = "CKPTFLOW_CHECKPOINT__EVAL_STEPS" if ck.eval_strategy == "steps" else f"one epoch ({schedule.steps_per_epoch} steps)"
+        out.append(
+            f"saves at chunk ends {_listed(unevaluated)} have no eval metric, so retention=best ranks them below every "
+            f"evaluated checkpoint: make CKPTFLOW_TRAIN__CHUNK_STEPS a multiple of {grid}, or 0 (auto)"
         )
     return out
 

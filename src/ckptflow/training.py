@@ -55,9 +55,9 @@ class ScheduleCallback(TrainerCallback):
     """Save and evaluate exactly at the run's schedule (planning.schedule_for, what `ckptflow plan`
     prints), and stop at the chunk's last step, which is a save point (the next chunk's resume point).
 
-    Runs after HF's DefaultFlowCallback and has the last word: on its own, HF never evaluates an
-    off-grid chunk end, and after a chunk stop it runs `on_epoch_end`, which under
-    save_strategy=epoch saves (and evaluates) the same step a second time.
+    Runs after HF's DefaultFlowCallback and has the last word: on its own, after a chunk stop HF
+    runs `on_epoch_end`, which under save_strategy=epoch saves the chunk end a second time and
+    evaluates it — an evaluation that draws from the RNG, so the weights would depend on chunk_steps.
     """
 
     def __init__(self, save_points: Collection[int], eval_points: Collection[int], end_step: int) -> None:

@@ -11,15 +11,6 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory):
-    """One real `prefect server start` that every drill process of the session reports to (tests/drills.py)."""
-    from tests.drills import running_prefect_server
-
-    with running_prefect_server(tmp_path_factory.mktemp("prefect-server")) as server:
-        yield server
-
-
-@pytest.fixture(scope="session")
 def completed_home_template(tmp_path_factory):
     """A home holding one completed, exported run `base` (tutorial defaults), trained once per session without Prefect."""
     import os

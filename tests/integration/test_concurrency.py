@@ -32,8 +32,8 @@ def _ledger(home) -> Ledger:
     return Ledger(f"sqlite:///{(home / 'ledger.db').resolve()}")
 
 
-def test_two_runs_training_at_once_share_the_sqlite_ledger(home, prefect_server):
-    drivers = [Driver(prefect_server, home, name, BUSY) for name in ("left", "right")]
+def test_two_runs_training_at_once_share_the_sqlite_ledger(home):
+    drivers = [Driver(home, name, BUSY) for name in ("left", "right")]
     codes = [d.wait() for d in drivers]
     outputs = [d.output() for d in drivers]
     for code, out in zip(codes, outputs):
@@ -56,9 +56,9 @@ def test_two_runs_training_at_once_share_the_sqlite_ledger(home, prefect_server)
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
 
 
-def test_second_writer_on_the_same_run_is_refused_before_training(home, prefect_server):
+def test_second_writer_on_the_same_run_is_refused_before_training(home):
     watcher = Watcher(home, "held")
-    holder = Driver(prefect_server, home, "held", pause_env("step-end", 1))
+    holder = Driver(home, "held", pause_env("step-end", 1))
     try:
         before = watcher.wait_for(lambda s: s.lease is not None and s.running(0) is not None, holder, "lease held")
 
@@ -71,7 +71,7 @@ def test_second_writer_on_the_same_run_is_refused_before_training(home, prefect_
         assert "Beginning flow run" not in second.stderr  # refused before Prefect (and any training) started
 
         # 2. A second forked `ckptflow run` (Prefect already imported, as in `ckptflow serve`) is refused the same way.
-        third = Driver(prefect_server, home, "held")
+        third = Driver(home, "held")
         assert third.wait() == 2 and "already being trained" in third.output()
 
         after = watcher.state()
@@ -82,24 +82,24 @@ def test_second_writer_on_the_same_run_is_refused_before_training(home, prefect_
         watcher.close()
 
 
-def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home, prefect_server):
+def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home):
     """The authoritative check (two `ckptflow run` may both pass the CLI's early one): the flow's lease."""
     from ckptflow.errors import RunLockedError
     from flows.finetune import finetune
     from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.drills import DRILL_ENV
+    from tests.drills import DRILL_ENV, session_server
 
     watcher = Watcher(home, "held")
-    holder = Driver(prefect_server, home, "held", pause_env("step-end", 1))
+    holder = Driver(home, "held", pause_env("step-end", 1))
     overrides: dict = {}
     for key, value in DRILL_ENV.items():
         group, field = key.removeprefix("CKPTFLOW_").lower().split("__")
         overrides.setdefault(group, {})[field] = value
     try:
         before = watcher.wait_for(lambda s: s.lease is not None and s.running(0) is not None, holder, "lease held")
-        with temporary_settings({PREFECT_API_URL: prefect_server.api_url}):  # the drills' server, in this process
+        with temporary_settings({PREFECT_API_URL: session_server().api_url}):  # the drills' server, in this process
             with pytest.raises(RunLockedError, match="already being trained"):
                 finetune(run_name="held", overrides=overrides)
             APILogWorker.drain_all()  # now, while the session's server still runs (not at interpreter exit)

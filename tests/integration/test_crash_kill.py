@@ -33,6 +33,7 @@ from tests.drills import (
     full_verify,
     pause_env,
     run_driver,
+    session_server,
 )
 from tests.helpers import ADAPTER_FILE
 
@@ -149,13 +150,13 @@ KILL_POINTS: dict[str, KillPoint] = {
 
 
 @pytest.mark.parametrize("name", list(KILL_POINTS))
-def test_sigkill_then_rerun_is_bit_identical(home, prefect_server, name):
+def test_sigkill_then_rerun_is_bit_identical(home, name):
     point = KILL_POINTS[name]
     run = f"kill-{name}"
     watcher = Watcher(home, run)
     try:
         # 1. Train until the moment is observed, then SIGKILL.
-        driver = Driver(prefect_server, home, run, point.env)
+        driver = Driver(home, run, point.env)
         watcher.wait_for(point.moment, driver, name)
         driver.kill()
         killed = watcher.state()
@@ -164,14 +165,14 @@ def test_sigkill_then_rerun_is_bit_identical(home, prefect_server, name):
         assert killed.lease is not None  # the dead process's lease is still in the ledger
 
         # 2. The same run again, without the pause: takes the lease over, reconciles, resumes, finishes.
-        code, out = run_driver(prefect_server, home, run)
+        code, out = run_driver(home, run)
         assert code == 0, out
         done = watcher.state()
     finally:
         watcher.close()
     assert done.run.status == RunStatus.COMPLETED
-    assert final_diff(prefect_server, home, run) == 0.0
-    assert export_diff(prefect_server, home, run) == 0.0
+    assert final_diff(home, run) == 0.0
+    assert export_diff(home, run) == 0.0
     assert done.committed() == FINAL_COMMITTED
     assert full_verify(home, run) == {}  # no partial or unknown directory left among the checkpoints
     assert done.lease is None and done.export_leftovers() == []
@@ -192,15 +193,15 @@ def _tree_digest(root: Path) -> dict[str, str]:
     }
 
 
-def test_killed_reexport_leaves_the_previous_export_intact_and_is_redone(home, prefect_server):
-    code, out = run_driver(prefect_server, home, "reexport")
+def test_killed_reexport_leaves_the_previous_export_intact_and_is_redone(home):
+    code, out = run_driver(home, "reexport")
     assert code == 0, out
     target = home / "exports" / "reexport"
     before = _tree_digest(target)
     watcher = Watcher(home, "reexport")
     try:
         # `ckptflow export` of the finished run again, killed when the new export is complete in its temp dir.
-        proc = Driver(prefect_server, home, "reexport", pause_env("export-written"), command="export")
+        proc = Driver(home, "reexport", pause_env("export-written"), command="export")
         watcher.wait_for(
             lambda s: any((s.export_dir.parent / n / "ckptflow-provenance.json").is_file() for n in s.export_leftovers()),
             proc,
@@ -209,14 +210,14 @@ def test_killed_reexport_leaves_the_previous_export_intact_and_is_redone(home, p
         proc.kill()
         assert _tree_digest(target) == before  # the previous export, byte for byte
         assert watcher.state().export_leftovers() != []
-        code, out = run_driver(prefect_server, home, "reexport", command="export")
+        code, out = run_driver(home, "reexport", command="export")
         assert code == 0, out
         done = watcher.state()
     finally:
         watcher.close()
     assert done.export_leftovers() == [] and done.exports == 2
     assert _tree_digest(target).keys() == before.keys()
-    assert export_diff(prefect_server, home, "reexport") == 0.0
+    assert export_diff(home, "reexport") == 0.0
 
 
 def test_export_moved_aside_by_a_killed_non_atomic_swap_is_restored(tmp_path):
@@ -234,16 +235,15 @@ def test_export_moved_aside_by_a_killed_non_atomic_swap_is_restored(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["r"]
 
 
-def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home, prefect_server):
+def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home):
     import psutil
 
     env = {
         **DRILL_ENV,
         "CKPTFLOW_TRAIN__CHUNK_STEPS": "8",  # one chunk: one child process per `ckptflow run`
         "CKPTFLOW_TRAIN__LAUNCHER": "subprocess",
-        "CKPTFLOW_TRAIN__RETRIES": "2",
         "CKPTFLOW_TRAIN__RETRY_DELAY_SECONDS": "0",
-        **prefect_server.env,
+        **session_server().env,
     }
     watcher = Watcher(home, "group")
     proc = cli(
@@ -276,8 +276,8 @@ def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home, p
     stale = next(a for a in done.attempts if a.id == st.running(0).id)
     assert (stale.status, stale.error) == (AttemptStatus.FAILED, ABANDONED_ERROR)
     assert [a.resumed_from_step for a in done.attempts if a.status == AttemptStatus.COMPLETED] == [6]
-    assert final_diff(prefect_server, home, "group") == 0.0
-    assert export_diff(prefect_server, home, "group") == 0.0
+    assert final_diff(home, "group") == 0.0
+    assert export_diff(home, "group") == 0.0
 
 
 def test_every_pause_point_is_a_valid_setting():

@@ -59,11 +59,11 @@ def _fill(directory, leave: int) -> int:
     return path.stat().st_size
 
 
-def test_disk_full_during_a_save_then_rerun_after_freeing_space(home, small_disk, prefect_server):
+def test_disk_full_during_a_save_then_rerun_after_freeing_space(home, small_disk):
     watcher = Watcher(home, "full")
     try:
         # 1. Train; when the ledger says checkpoint-4 is being written, fill the disk.
-        driver = Driver(prefect_server, home, "full", {**ENV, **pause_env("save-begun", 4, seconds=5)})
+        driver = Driver(home, "full", {**ENV, **pause_env("save-begun", 4, seconds=5)})
         watcher.wait_for(lambda s: s.committed() == [2] and s.state(4) == CheckpointState.WRITING, driver, "save of 4")
         _fill(small_disk, LEAVE_FREE)
         code = driver.wait()
@@ -86,12 +86,12 @@ def test_disk_full_during_a_save_then_rerun_after_freeing_space(home, small_disk
 
     # 3. Free the space; the same run resumes from checkpoint-2 and ends bit-identical.
     (small_disk / "filler.bin").unlink()
-    code, out = run_driver(prefect_server, home, "full", ENV)
+    code, out = run_driver(home, "full", ENV)
     assert code == 0, out
     with Ledger(f"sqlite:///{home / 'ledger.db'}") as ledger:
         run = ledger.get_run("full")
         resumed = [a.resumed_from_step for a in ledger.attempts(run.id) if a.start_step < a.end_step]
         assert run.status == RunStatus.COMPLETED
     assert resumed == [None, 2, 4]  # first attempt, the retry after freeing space, the second chunk
-    assert final_diff(prefect_server, home, "full") == 0.0
+    assert final_diff(home, "full") == 0.0
     assert full_verify(home, "full") == {}

@@ -90,18 +90,17 @@ def test_save_points(settings, total, per_epoch, chunk_ends, expected):
 
 
 @pytest.mark.parametrize(
-    ("settings", "total", "per_epoch", "saves", "expected"),
+    ("settings", "total", "per_epoch", "expected"),
     [
-        (dict(eval_steps=2), 4, 2, [2, 4], [2, 4]),
-        (dict(eval_steps=3), 10, 5, [6], [3, 6, 9, 10]),  # HF evaluates the last step too
-        (dict(eval_steps=2), 10, 5, [3, 4, 10], [2, 3, 4, 6, 8, 10]),  # and ckptflow every save (chunk end 3)
-        (dict(eval_steps=5), 3, 5, [3], [3]),  # fewer steps than eval_steps: the end is evaluated
-        (dict(eval_strategy="epoch"), 10, 4, [4, 8, 10], [4, 8, 10]),  # the last, partial epoch ends at 10
-        (dict(eval_strategy="no", retention="recent"), 10, 4, [2, 10], []),
+        (dict(eval_steps=2), 4, 2, [2, 4]),
+        (dict(eval_steps=3), 10, 5, [3, 6, 9, 10]),  # HF evaluates the last step too
+        (dict(eval_steps=5), 3, 5, [3]),  # fewer steps than eval_steps: the end is evaluated
+        (dict(eval_strategy="epoch"), 10, 4, [4, 8, 10]),  # the last, partial epoch ends at 10
+        (dict(eval_strategy="no", retention="recent"), 10, 4, []),
     ],
 )
-def test_eval_points(settings, total, per_epoch, saves, expected):
-    assert eval_points(total, CheckpointSettings(**settings), per_epoch, saves) == expected
+def test_eval_points(settings, total, per_epoch, expected):
+    assert eval_points(total, CheckpointSettings(**settings), per_epoch) == expected
 
 
 @pytest.mark.parametrize(
@@ -109,7 +108,7 @@ def test_eval_points(settings, total, per_epoch, saves, expected):
     [
         # (train settings, checkpoint settings, train rows, total steps) → (steps/epoch, chunk ends, saves, evals)
         ({}, {}, 4, 4, (2, [2, 4], [2, 4], [2, 4])),
-        ({"chunk_steps": 3}, {}, 4, 4, (2, [3, 4], [2, 3, 4], [2, 3, 4])),
+        ({"chunk_steps": 3}, {}, 4, 4, (2, [3, 4], [2, 3, 4], [2, 4])),  # chunk ends are not evaluated
         ({"gradient_accumulation_steps": 3, "batch_size": 1}, {}, 5, 4, (2, [2, 4], [2, 4], [2, 4])),
         # save_strategy=epoch: auto chunks are whole epochs (not save_steps long)
         ({}, {"save_strategy": "epoch", "eval_strategy": "epoch", "save_steps": 1}, 12, 12, (6, [6, 12], [6, 12], [6, 12])),
@@ -207,11 +206,25 @@ def test_epoch_strategy():
     assert p.warnings == []
 
 
-def test_chunk_ends_off_eval_grid_are_evaluated_so_best_can_rank_them():
+def test_chunk_ends_off_eval_grid_warn_under_best():
     p = plan(total=10, per_epoch=10, chunk=3, save_steps=2, eval_steps=2)
     assert p.save_points == [2, 3, 4, 6, 8, 9, 10]
-    assert p.eval_points == [2, 3, 4, 6, 8, 9, 10]
-    assert p.warnings == []
+    assert p.eval_points == [2, 4, 6, 8, 10]  # the last step is evaluated (as HF does), chunk ends are not
+    [warning] = p.warnings
+    assert "saves at chunk ends 3, 9 have no eval metric" in warning
+    assert "CKPTFLOW_TRAIN__CHUNK_STEPS a multiple of CKPTFLOW_CHECKPOINT__EVAL_STEPS" in warning
+
+
+def test_last_step_off_the_eval_grid_is_evaluated_so_no_warning():
+    p = plan(total=5, per_epoch=5, save_steps=2, eval_steps=2)
+    assert (p.save_points, p.eval_points, p.warnings) == ([2, 4, 5], [2, 4, 5], [])
+
+
+def test_epoch_strategy_chunk_end_off_the_epoch_warns_in_epochs():
+    p = plan(total=6, per_epoch=2, chunk=3, save_strategy="epoch", eval_strategy="epoch", save_total_limit=2)
+    assert (p.save_points, p.eval_points) == ([2, 3, 4, 6], [2, 4, 6])
+    [warning] = p.warnings
+    assert "saves at chunk ends 3 have" in warning and "a multiple of one epoch (2 steps)" in warning
 
 
 @pytest.mark.parametrize(
