@@ -27,7 +27,7 @@ row lock it takes also makes a concurrent take-over wait for the write's commit.
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 import os
 import socket
 import time
@@ -49,6 +49,7 @@ from sqlalchemy.pool import StaticPool
 
 from ckptflow.errors import LeaseLostError, RunLockedError
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
+from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -476,10 +477,10 @@ class Ledger:
         """Per run id, a summary of its committed checkpoints, in two queries for all runs.
 
         Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
-        "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
-        in the checkpoints' metrics (ties: the earlier step), counting only finite numbers, as
-        `policy.best_step` does. Metrics are decoded in Python, not with SQL JSON functions:
-        SQLite's reject a whole document holding a NaN (a diverged loss), which would fail the call.
+        "best_value": float|None, "metric": metric}}` for every run. SQL fetches the rows; the best
+        is chosen by `policy.best_of`, the one ranking retention and export use. Metrics are decoded
+        in Python, not with SQL JSON functions: SQLite's reject a whole document holding a NaN (a
+        diverged loss), which would fail the call.
         """
         committed = CheckpointState.COMMITTED.value
         out: dict[int, dict[str, Any]] = {}
@@ -498,14 +499,10 @@ class Ledger:
                 .where(Checkpoint.state == committed)
                 .order_by(Checkpoint.run_id, Checkpoint.step)
             )
-            for run_id, step, metrics in rows:
-                v = _finite_number((metrics or {}).get(metric))
-                if v is None:
-                    continue
-                entry = out[run_id]
-                best = entry["best_value"]
-                if best is None or (v > best if greater_is_better else v < best):
-                    entry["best_step"], entry["best_value"] = step, v
+            for run_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+                best = best_of((Ckpt(step, metrics or {}) for _, step, metrics in group), metric, greater_is_better)
+                if best is not None:
+                    out[run_id]["best_step"], out[run_id]["best_value"] = best.step, metric_value(best, metric)
         return out
 
     # -- checkpoints ------------------------------------------------------------------
@@ -866,13 +863,6 @@ def _home_of(sqlite_path: Path | None, home: Path | str | None) -> Path | None:
     if home is not None:
         return _resolved(Path(home))
     return _resolved(sqlite_path).parent if sqlite_path is not None else None
-
-
-def _finite_number(value: object) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _lease_in_use(lease: Lease, run_name: str, now: datetime, ttl_seconds: float) -> tuple[str | None, str]:
