@@ -15,7 +15,7 @@ from ckptflow.quiet import quiet_libraries
 from ckptflow.secrets import install_redaction
 from flows.finetune import finetune, resolve_settings
 from tasks.pipeline import prepare_data
-from tasks.promotion import find_champion, judge_challenger, record_decision
+from tasks.promotion import find_champion, judge_challenger, prune_exports, record_decision
 from tasks.reporting import publish_decision, publish_quietly
 
 
@@ -54,6 +54,7 @@ def retrain(
     candidate = {"run": trained["run"], **{k: export[k] for k in ("path", "step", "export_id")}}
     record = judge_challenger(settings, candidate, champion, prepared.data_fingerprint)
     record = record_decision(settings, record, export["export_id"])
+    prune_exports(settings)  # champion + previous + the last export.keep_challengers challengers stay
     return _finish(record, logger)
 
 

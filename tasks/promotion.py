@@ -33,3 +33,13 @@ def record_decision(
     """Ledger `exports.promoted`, exports/champion.json and the decision log."""
     with Ledger(settings.ledger, home=settings.home) as ledger:
         return promotion.record_decision(ledger, settings.home, record, challenger_export_id)
+
+
+@task(name="prune_exports", cache_policy=NO_CACHE)
+def prune_exports(settings: Settings) -> dict[str, dict[int, str]]:
+    """Keep the champion, the previous one and the last `export.keep_challengers` challengers; prune the rest."""
+    from ckptflow.export_retention import prune_exports as prune
+
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        decision = prune(ledger, settings.home, settings.export.keep_challengers)
+    return {"keep": decision.keep, "prune": decision.prune}

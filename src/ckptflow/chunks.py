@@ -25,12 +25,11 @@ from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, f
 from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRecord, holding
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
-from ckptflow.planning import Chunk
+from ckptflow.planning import Chunk, Schedule, schedule_for
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
     DEFAULT_MIN_FREE_BYTES,
-    ChunkStopCallback,
     CommitCallback,
     DiskGuardCallback,
     FaultInjectionCallback,
@@ -39,6 +38,7 @@ from ckptflow.training import (
     PauseCallback,
     TENSORBOARD_DIR,
     TENSORBOARD_DIR_ENV,
+    ScheduleCallback,
     TrainerSpec,
     checkpoint_dir,
     free_bytes,
@@ -357,6 +357,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
     spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
+    schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -364,7 +365,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan),
+        callbacks=_callbacks(ledger, run, settings, job, plan, schedule),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
@@ -385,7 +386,9 @@ def _pause_mid_save(trainer: Any) -> None:
     trainer._save_optimizer_and_scheduler = paused
 
 
-def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan) -> list:
+def _callbacks(
+    ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan, schedule: Schedule
+) -> list:
     """The trainer's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
     fence = plan.lease
@@ -415,7 +418,7 @@ def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob
 
     callbacks: list = [
         PauseCallback(),
-        ChunkStopCallback(job.end_step),
+        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
         DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
         LogCallback(log),
     ]

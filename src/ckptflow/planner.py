@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import shutil
 
-from ckptflow.planning import Plan, estimate_checkpoint_bytes, make_plan
+from ckptflow.planning import Plan, estimate_checkpoint_bytes, make_plan, schedule_for
 from ckptflow.runs import total_steps
-from ckptflow.settings import Settings, steps_per_epoch
+from ckptflow.settings import Settings
 
 
 # Files of a tokenizer that HF saves beside the weights.
@@ -26,13 +26,11 @@ def plan_for_settings(settings: Settings, *, at_step: int | None = None) -> Plan
     # HF copies the tokenizer files into every checkpoint.
     tokenizer_bytes = sum(p.stat().st_size for p in resolved.path.glob("*") if p.name.startswith(_TOKENIZER_FILES))
     settings.home.mkdir(parents=True, exist_ok=True)
+    # The same schedule the flow trains by and every chunk's trainer saves and evaluates by.
+    schedule = schedule_for(settings, total_steps=total_steps(settings, prepared.train_rows), train_rows=prepared.train_rows)
     return make_plan(
         settings.checkpoint,
-        total_steps=total_steps(settings, prepared.train_rows),
-        steps_per_epoch=steps_per_epoch(
-            prepared.train_rows, settings.train.batch_size, settings.train.gradient_accumulation_steps
-        ),
-        chunk_steps=settings.train.chunk_steps,
+        schedule,
         bytes_per_checkpoint=estimate_checkpoint_bytes(trainable, extra_bytes=_HF_STATE_BYTES + tokenizer_bytes),
         free_bytes=shutil.disk_usage(settings.home).free,
         at_step=at_step,

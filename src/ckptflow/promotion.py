@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ckptflow.errors import BadInputError
 from ckptflow.evaluation import EVAL_LOSS
 from ckptflow.export import LOCAL_MODEL_PREFIX, PROVENANCE_NAME
 from ckptflow.ledger import ExportRecord, Ledger
@@ -43,6 +44,8 @@ __all__ = [
     "judge",
     "read_pointer",
     "record_decision",
+    "rollback",
+    "rollback_target",
     "skip_record",
 ]
 
@@ -55,9 +58,13 @@ DECISIONS_FILE = "decisions.jsonl"
 # The reason (and Prefect state message) of a retrain that found nothing new to train on.
 SKIPPED_NO_NEW_DATA = "skipped: no new data"
 
-Action = Literal["promote", "keep", "skip"]
+Action = Literal["promote", "keep", "skip", "rollback"]
 
 log = logging.getLogger(__name__)
+
+
+class NothingToRollBackError(BadInputError):
+    """`rollback` found no earlier champion that is still kept."""
 
 
 @dataclass(frozen=True)
@@ -284,13 +291,15 @@ def _point_link(exports_dir: Path, target: Path) -> str | None:
     return None
 
 
-def _promote(ledger: Ledger, home: Path, export: ExportRecord, run_name: str, data_fingerprint: str) -> Path:
+def _promote(
+    ledger: Ledger, home: Path, export: ExportRecord, run_name: str, data_fingerprint: str, *, rollback: bool = False
+) -> Path:
     """Mark `export` the only promoted one (one transaction), then point champion.json and the symlink at it.
 
     The ledger is the truth: a crash before the pointer files are updated leaves them at the
     previous champion until the next promotion rewrites them.
     """
-    ledger.promote_export(export.id)
+    ledger.promote_export(export.id, rollback=rollback)
     exports_dir = home / "exports"
     exports_dir.mkdir(parents=True, exist_ok=True)
     pointer = {
@@ -309,6 +318,65 @@ def _promote(ledger: Ledger, home: Path, export: ExportRecord, run_name: str, da
     return exports_dir / CHAMPION_FILE
 
 
+def rollback_target(exports: list[ExportRecord]) -> ExportRecord | None:
+    """The champion before the current one, if it is still kept: replaced before the current champion won.
+
+    A rollback restores an export without re-stamping it, so after one rollback the export it
+    replaced is *newer* than the champion and is never a target: rolling back twice never
+    flips back and forth, and never reaches a pruned export.
+    """
+    champion = next((e for e in exports if e.promoted), None)
+    if champion is None or champion.promoted_at is None:
+        return None
+    earlier = [
+        e for e in exports
+        if not e.promoted and e.pruned_at is None and e.promoted_at is not None and e.promoted_at < champion.promoted_at
+    ]  # fmt: skip
+    return max(earlier, key=lambda e: (e.promoted_at, e.id), default=None)
+
+
+def rollback(ledger: Ledger, home: Path) -> DecisionRecord:
+    """Make the previous champion the champion again (ledger, champion.json, symlink), and record it.
+
+    Raises NothingToRollBackError (exit 2) when there is no champion, or no earlier champion
+    that is still kept with its files.
+    """
+    exports = ledger.exports()
+    champion = next((e for e in exports if e.promoted), None)
+    if champion is None:
+        raise NothingToRollBackError("no champion yet: `ckptflow retrain` promotes the first one")
+    target = rollback_target(exports)
+    current = ledger.get_run_by_id(champion.run_id).name
+    if target is None:
+        raise NothingToRollBackError(
+            f"nothing to roll back to: no champion before `{current}` is kept (retention keeps the champion and "
+            "the previous one; after a rollback, the next step back was pruned or never existed)"
+        )
+    if not (Path(target.path) / PROVENANCE_NAME).is_file():
+        raise NothingToRollBackError(f"the previous champion's export {target.path} is missing on disk: not restored")
+    run = ledger.get_run_by_id(target.run_id)
+    fingerprint = str(run.config.get(CONFIG_DATA_FINGERPRINT, ""))
+    pointer = _promote(ledger, home, target, run.name, fingerprint, rollback=True)
+    record = DecisionRecord(
+        action="rollback",
+        reason=f"rolled back from `{current}` to the previous champion `{run.name}`",
+        data_fingerprint=fingerprint,
+        margin=0.0,
+        champion={"run": current, "export_id": champion.id, "path": champion.path, "step": champion.step},
+        challenger={"run": run.name, "export_id": target.id, "path": target.path, "step": target.step},
+        pointer=str(pointer),
+    )
+    _append_decision(home, record)
+    return record
+
+
+def _append_decision(home: Path, record: DecisionRecord) -> None:
+    log_file = home / "exports" / DECISIONS_FILE
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as fh:
+        fh.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+
+
 def record_decision(
     ledger: Ledger, home: Path, record: DecisionRecord, challenger_export_id: int | None = None
 ) -> DecisionRecord:
@@ -324,8 +392,5 @@ def record_decision(
         run_name = (record.challenger or {}).get("run") or ledger.get_run_by_id(export.run_id).name
         pointer = _promote(ledger, home, export, run_name, record.data_fingerprint)
         record = DecisionRecord(**{**record.to_json(), "pointer": str(pointer)})
-    log = home / "exports" / DECISIONS_FILE
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
-        fh.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+    _append_decision(home, record)
     return record

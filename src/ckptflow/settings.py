@@ -79,6 +79,10 @@ class ModelSettings(_Group):
     lora_target_modules: list[NonEmptyStr] | None = Field(
         None, description="Module names to adapt; empty = PEFT's default for the architecture."
     )
+    lora_modules_to_save: list[NonEmptyStr] | None = Field(
+        None,
+        description="PEFT modules_to_save: modules trained in full and saved with the adapter (e.g. ln_f); empty = none.",
+    )
     max_length: int = Field(128, gt=0, le=_MAX_LENGTH, description="Tokens per example after truncation.")
 
 
@@ -178,6 +182,12 @@ class ExportSettings(_Group):
     merge: bool = Field(True, description="Merge LoRA into the base weights; false = export the adapter only.")
     promotion_margin: FiniteFloat = Field(
         0.0, ge=0.0, description="retrain: challenger must beat the champion's metric by at least this much."
+    )
+    keep_challengers: int = Field(
+        3,
+        ge=0,
+        le=_MAX_COUNT,
+        description="retrain: challenger exports kept besides the champion and the previous champion; older ones are pruned.",
     )
 
 

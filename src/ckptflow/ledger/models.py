@@ -207,6 +207,11 @@ class Export(Base):
     metrics: Mapped[dict[str, Any]]
     promoted: Mapped[bool]
     created_at: Mapped[datetime]
+    # When it last became champion by winning a retrain (a rollback does not change it): orders champions.
+    promoted_at: Mapped[datetime | None]
+    # When export retention deleted its files, and why (the row stays: the history of every decision).
+    pruned_at: Mapped[datetime | None]
+    pruned_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Lease(Base):

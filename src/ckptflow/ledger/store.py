@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import itertools
 import os
 import socket
 import time
@@ -58,6 +58,7 @@ from sqlalchemy.pool import StaticPool
 
 from ckptflow.errors import LeaseLostError, LedgerUnavailableError, RunLockedError
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
+from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -156,6 +157,9 @@ class ExportRecord:
     metrics: dict[str, Any]
     promoted: bool
     created_at: datetime
+    promoted_at: datetime | None = None
+    pruned_at: datetime | None = None
+    pruned_reason: str | None = None
 
 
 def _run_record(r: Run) -> RunRecord:
@@ -221,6 +225,9 @@ def _export_record(e: Export, step: int, absolute: Callable[[str], str]) -> Expo
         metrics=dict(e.metrics or {}),
         promoted=bool(e.promoted),
         created_at=e.created_at,
+        promoted_at=e.promoted_at,
+        pruned_at=e.pruned_at,
+        pruned_reason=e.pruned_reason,
     )
 
 
@@ -535,10 +542,10 @@ class Ledger:
         """Per run id, a summary of its committed checkpoints, in two queries for all runs.
 
         Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
-        "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
-        in the checkpoints' metrics (ties: the earlier step), counting only finite numbers, as
-        `policy.best_step` does. Metrics are decoded in Python, not with SQL JSON functions:
-        SQLite's reject a whole document holding a NaN (a diverged loss), which would fail the call.
+        "best_value": float|None, "metric": metric}}` for every run. SQL fetches the rows; the best
+        is chosen by `policy.best_of`, the one ranking retention and export use. Metrics are decoded
+        in Python, not with SQL JSON functions: SQLite's reject a whole document holding a NaN (a
+        diverged loss), which would fail the call.
         """
         committed = CheckpointState.COMMITTED.value
         out: dict[int, dict[str, Any]] = {}
@@ -557,14 +564,10 @@ class Ledger:
                 .where(Checkpoint.state == committed)
                 .order_by(Checkpoint.run_id, Checkpoint.step)
             )
-            for run_id, step, metrics in rows:
-                v = _finite_number((metrics or {}).get(metric))
-                if v is None:
-                    continue
-                entry = out[run_id]
-                best = entry["best_value"]
-                if best is None or (v > best if greater_is_better else v < best):
-                    entry["best_step"], entry["best_value"] = step, v
+            for run_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+                best = best_of((Ckpt(step, metrics or {}) for _, step, metrics in group), metric, greater_is_better)
+                if best is not None:
+                    out[run_id]["best_step"], out[run_id]["best_value"] = best.step, metric_value(best, metric)
         return out
 
     # -- checkpoints ------------------------------------------------------------------
@@ -775,7 +778,7 @@ class Ledger:
                 raise KeyError(f"no export with id {export_id}")
 
     @_retried_on_disconnect
-    def promote_export(self, export_id: int) -> None:
+    def promote_export(self, export_id: int, *, rollback: bool = False) -> None:
         """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
         old champion or the new one promoted, never none or two.
 
@@ -787,7 +790,20 @@ class Ledger:
             if s.get(Export, export_id) is None:
                 raise KeyError(f"no export with id {export_id}")
             s.execute(update(Export).where(Export.promoted.is_(True), Export.id != export_id).values(promoted=False))
-            s.execute(update(Export).where(Export.id == export_id).values(promoted=True))
+            # A rollback restores an earlier champion without making it "newer" than the one it replaces.
+            stamp = {} if rollback else {"promoted_at": utcnow()}
+            s.execute(update(Export).where(Export.id == export_id).values(promoted=True, **stamp))
+
+    @_retried_on_disconnect
+    def mark_export_pruned(self, export_id: int, reason: str) -> None:
+        """Record that export retention deleted this export's files (the row stays). Never the champion."""
+        with self._write.begin() as s:
+            e = s.get(Export, export_id)
+            if e is None:
+                raise KeyError(f"no export with id {export_id}")
+            if e.promoted:
+                raise ValueError(f"export {export_id} is the champion: it is never pruned")
+            e.pruned_at, e.pruned_reason = utcnow(), reason
 
     @_retried_on_disconnect
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
@@ -933,13 +949,6 @@ def _home_of(sqlite_path: Path | None, home: Path | str | None) -> Path | None:
     if home is not None:
         return _resolved(Path(home))
     return _resolved(sqlite_path).parent if sqlite_path is not None else None
-
-
-def _finite_number(value: object) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _lease_in_use(lease: Lease, run_name: str, now: datetime, ttl_seconds: float) -> tuple[str | None, str]:
