@@ -242,3 +242,16 @@ def test_an_attempt_whose_ledger_goes_away_fails_cleanly_and_the_next_resumes(
         run = ledger.get_run("outage")
         chunk1 = [(a.attempt, a.status) for a in ledger.attempts(run.id) if a.chunk == 1]
     assert chunk1 == [(1, AttemptStatus.FAILED), (2, AttemptStatus.COMPLETED)], chunk1
+
+
+@pytest.mark.parametrize("wrong", ["password", "database"])
+def test_a_wrong_url_is_not_retried(postgres_url, wrong):
+    """Waiting does not cure a wrong password or database name: the open fails at once, saying so."""
+    from sqlalchemy.exc import OperationalError
+
+    url = make_url(postgres_url)
+    url = url.set(password="wrong") if wrong == "password" else url.set(database="no_such_database")
+    t0 = time.monotonic()
+    with pytest.raises(OperationalError, match="password authentication failed|does not exist"):
+        Ledger(url.render_as_string(hide_password=False))
+    assert time.monotonic() - t0 < 3

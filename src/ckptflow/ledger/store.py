@@ -94,6 +94,8 @@ _LEASE_CAS_ROUNDS = 20
 _DISCONNECT_TRIES = 7
 _DISCONNECT_FIRST_PAUSE_S = 0.25
 _DISCONNECT_MAX_PAUSE_S = 4.0
+# Connection failures that waiting does not cure (a wrong URL, password or role): raised at once.
+_PERMANENT_CONNECT_FAILURES = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
 
 
 # -- records ---------------------------------------------------------------------------
@@ -322,8 +324,11 @@ def head_revision() -> str | None:
 
 # -- lost connections ------------------------------------------------------------------------
 def _is_disconnect(exc: DBAPIError) -> bool:
-    """The connection dropped (SQLAlchemy invalidated it) or could not be made (no statement ran)."""
-    return bool(exc.connection_invalidated) or (isinstance(exc, OperationalError) and exc.statement is None)
+    """The connection dropped (SQLAlchemy invalidated it) or could not be made for now (no statement ran)."""
+    if exc.connection_invalidated:
+        return True
+    could_not_connect = isinstance(exc, OperationalError) and exc.statement is None
+    return could_not_connect and not any(text in str(exc.orig) for text in _PERMANENT_CONNECT_FAILURES)
 
 
 def _retried_on_disconnect(method: Callable[..., Any]) -> Callable[..., Any]:
