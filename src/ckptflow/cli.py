@@ -28,6 +28,7 @@ for _key, _value in {
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ckptflow.errors import BadInputError, CkptflowError
@@ -54,15 +55,15 @@ def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
-            err.print(f"[bold red]failed:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
         except Exception as exc:  # anything a library raised: still a message, not a traceback
             code, message = _unexpected(exc)
             label = "error" if code == EXIT_BAD_INPUT else "failed"
-            err.print(f"[bold red]{label}:[/] {message}", markup=True, highlight=False)
+            err.print(f"[bold red]{label}:[/] {escape(message)}", markup=True, highlight=False)
             raise typer.Exit(code) from None
 
     return wrapper

@@ -66,9 +66,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def _readonly_reason(path: Path) -> str | None:
     """Why nothing can be written in the existing directory `path`, or None when it can."""
-    from ckptflow.ledger.store import on_readonly_filesystem
-
-    if on_readonly_filesystem(path):
+    if os.statvfs(path).f_flag & os.ST_RDONLY:  # root may write anywhere except here
         return "it is on a read-only filesystem"
     if not os.access(path, os.W_OK | os.X_OK):
         return "this user may not write to it"
@@ -106,15 +104,16 @@ def check_ledger(url: str) -> str | None:
     None when there is no ledger yet (a SQLite file that does not exist or holds no schema).
     Opens everything read-only. Raises LedgerError naming CKPTFLOW_LEDGER_URL.
     """
-    from ckptflow.ledger.store import check_revision
-
     dialect_url = _parse_url(url)
     _check_driver(url, dialect_url)
     if dialect_url.get_backend_name() == "sqlite":
         revision = _sqlite_revision(url)
     else:
         revision = _server_revision(url)
-    check_revision(url, revision, readonly=False)
+    if revision is not None:  # alembic and the models are imported only when there is a schema to check
+        from ckptflow.ledger.store import check_revision
+
+        check_revision(url, revision, readonly=False)
     return revision
 
 
@@ -152,13 +151,31 @@ def _check_driver(url: str, parsed: Any) -> None:
         ) from None
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a file-based SQLite URL, else None (same rule as the ledger's, without importing it)."""
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    db = u.database
+    if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory":
+        return None
+    return Path(db)
+
+
+def readonly_sqlite_uri(path: Path) -> str:
+    """The sqlite3 URI that opens `path` read-only; immutable on a read-only filesystem, where
+    nobody can change the file and SQLite could not create the WAL index it needs otherwise."""
+    from urllib.parse import quote
+
+    flag = "immutable=1" if os.statvfs(path.parent).f_flag & os.ST_RDONLY else "mode=ro"
+    return f"file:{quote(str(path.resolve()))}?{flag}"
+
+
 def _sqlite_revision(url: str) -> str | None:
     """The alembic revision of a SQLite ledger file, read without writing (None: no ledger yet)."""
     import sqlite3
 
-    from ckptflow.ledger.store import readonly_sqlite_uri, sqlite_file
-
-    path = sqlite_file(url)
+    path = _sqlite_file(url)
     if path is None or not path.exists():
         return None
     if path.is_dir():
@@ -217,9 +234,7 @@ def _server_revision(url: str) -> str | None:
 
 def ledger_exists(settings: Settings) -> bool:
     """False for a SQLite ledger whose file is missing or empty (nothing recorded yet); servers always exist."""
-    from ckptflow.ledger.store import sqlite_file
-
-    path = sqlite_file(settings.ledger)
+    path = _sqlite_file(settings.ledger)
     if path is None:
         return True
     return path.is_file() and path.stat().st_size > 0
@@ -231,9 +246,8 @@ def open_readonly_ledger(settings: Settings) -> Ledger | None:
     Creates nothing and never migrates: for `runs`, `checkpoints`, `verify`, `prune --dry-run`.
     """
     check_home(settings.home, writable=False)
-    if not ledger_exists(settings):
-        return None
-    if check_ledger(settings.ledger) is None:
+    _check_driver(settings.ledger, _parse_url(settings.ledger))  # a bad URL says so, not "no runs yet"
+    if not ledger_exists(settings) or check_ledger(settings.ledger) is None:
         return None
     from ckptflow.ledger import Ledger
 
@@ -318,10 +332,8 @@ def check_model(settings: Settings, sizes: SplitSizes) -> None:
 
 def _check_ledger_dir(settings: Settings) -> None:
     """A SQLite ledger outside the home needs a writable directory too."""
-    from ckptflow.ledger.store import sqlite_file
-
     try:
-        path = sqlite_file(settings.ledger)
+        path = _sqlite_file(settings.ledger)
     except Exception:  # a bad URL: check_ledger says what is wrong
         return
     if path is None or path.exists():

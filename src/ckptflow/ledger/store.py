@@ -207,17 +207,11 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a file-based SQLite URL, else None."""
-    return _sqlite_file(url)
-
-
 def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
     """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes.
 
-    `readonly`: a SQLite file is opened read-only (`mode=ro`; `immutable=1` on a read-only
-    filesystem, where nobody can change it and SQLite could not create its WAL index); no
-    directory is created and the journal mode is left alone.
+    `readonly`: a SQLite file is opened read-only (see `preflight.readonly_sqlite_uri`); no directory
+    is created and the journal mode is left alone.
     """
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
@@ -254,21 +248,10 @@ def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
     return engine
 
 
-def on_readonly_filesystem(path: Path) -> bool:
-    """True when `path` (an existing file or directory) lives on a filesystem mounted read-only."""
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
-def readonly_sqlite_uri(path: Path) -> str:
-    """The sqlite3 URI that opens `path` read-only (immutable on a read-only filesystem)."""
-    from urllib.parse import quote
-
-    flag = "immutable=1" if on_readonly_filesystem(path.parent) else "mode=ro"
-    return f"file:{quote(str(path.resolve()))}?{flag}"
-
-
 def readonly_sqlite_url(path: Path) -> Any:
-    """The SQLAlchemy URL of `readonly_sqlite_uri` (pysqlite passes the URI's flags on)."""
+    """The SQLAlchemy URL of `preflight.readonly_sqlite_uri` (pysqlite passes the URI's flags on)."""
+    from ckptflow.preflight import readonly_sqlite_uri
+
     return make_url(f"sqlite:///{readonly_sqlite_uri(path)}&uri=true")
 
 
