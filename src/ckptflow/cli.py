@@ -138,7 +138,7 @@ def run(
     from ckptflow import preflight
 
     settings = _settings(config)
-    checked = preflight.check_cheap(settings)  # settings, home, ledger, data rows: before any heavy import
+    preflight.check_cheap(settings)  # settings, home, ledger, data rows, config.json, memory: before any heavy import
     for warning in settings.warnings():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from ckptflow.quiet import quiet_libraries
@@ -148,7 +148,7 @@ def run(
     if completed is not None:
         err.print(f"run {completed} already completed; `ckptflow checkpoints {completed}` shows it, --new trains again", highlight=False)
         return
-    preflight.check_model(settings, checked.sizes)  # config readable, LoRA targets exist, a step fits in RAM
+    preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:

@@ -159,11 +159,71 @@ def count_parameters(resolved: ResolvedModel, model_settings: ModelSettings) -> 
 # -- preflight: what can be checked from the config alone ------------------------------------
 
 
-def model_config(name_or_path: str, home: Path) -> PretrainedConfig:
-    """The base model's config, read without building, downloading or writing anything.
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide a training step's memory, read from config.json alone."""
 
-    A built-in model's config comes from its recipe (vocab ≤ its BPE target). Raises
-    ModelNotFoundError / ModelConfigError naming the file and the setting to change.
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    positions: int | None
+
+
+# config.json keys of each size, in the spellings of common architectures (first present wins).
+_SHAPE_KEYS = {
+    "vocab": ("vocab_size",),
+    "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "positions": ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"),
+}
+
+
+def config_json(resolved: ResolvedModel) -> dict:
+    """The model's config.json as a dict with a model_type; ModelConfigError naming the file otherwise."""
+    import json
+
+    path = resolved.path / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelConfigError(f"{path} is not valid JSON ({exc}): fix or replace that file, or {_FIX_HINT}") from None
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{path} holds a JSON {type(config).__name__}, not an object: fix that file, or {_FIX_HINT}")
+    if not isinstance(config.get("model_type"), str):
+        raise ModelConfigError(f"{path} has no \"model_type\" (e.g. \"gpt2\"): fix that file, or {_FIX_HINT}")
+    return config
+
+
+def model_shape(name_or_path: str, home: Path) -> ModelShape:
+    """Sizes of the base model from its config.json (a built-in one: from its recipe); imports no torch, writes nothing."""
+    from ckptflow.builtin import BUILTIN_MODELS
+    from ckptflow.builtin.tiny_gpt2 import TINY_GPT2_CONFIG, VOCAB_SIZE
+
+    name = name_or_path.strip()
+    if name.startswith(BUILTIN_PREFIX):
+        if name not in BUILTIN_MODELS:
+            materialize_builtin(name, home)  # raises ModelNotFoundError listing the built-in models
+        fields = {**TINY_GPT2_CONFIG, **BUILTIN_MODELS[name], "vocab_size": VOCAB_SIZE}
+    else:
+        fields = config_json(resolve_model(name, home))
+
+    def size(kind: str) -> int | None:
+        value = next((fields[k] for k in _SHAPE_KEYS[kind] if isinstance(fields.get(k), int)), None)
+        return int(value) if value is not None else None
+
+    return ModelShape(
+        vocab=size("vocab") or 0, hidden=size("hidden") or 0, layers=size("layers") or 0,
+        heads=size("heads") or 1, positions=size("positions"),
+    )
+
+
+def model_config(name_or_path: str, home: Path) -> PretrainedConfig:
+    """The base model's transformers config, built without downloading or writing anything.
+
+    A built-in model's comes from its recipe. Raises ModelNotFoundError / ModelConfigError
+    naming the file and the setting to change.
     """
     from ckptflow.builtin import BUILTIN_MODELS
     from ckptflow.builtin.tiny_gpt2 import TINY_GPT2_CONFIG, VOCAB_SIZE
@@ -180,15 +240,8 @@ def model_config(name_or_path: str, home: Path) -> PretrainedConfig:
 
 def read_model_config(resolved: ResolvedModel) -> PretrainedConfig:
     """AutoConfig of a model directory; a broken config.json is a ModelConfigError naming the file."""
-    import json
-
     path = resolved.path / CONFIG_FILE
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelConfigError(
-            f"{path} is not valid JSON ({exc}): fix or replace that file, or {_FIX_HINT}"
-        ) from None
+    config_json(resolved)
     from transformers import AutoConfig
 
     try:
@@ -255,7 +308,7 @@ class MemoryEstimate:
         return self.weights + self.activations + self.logits + self.sampler
 
 
-def estimate_training_memory(config: PretrainedConfig, *, batch_size: int, rows: int, max_length: int) -> MemoryEstimate:
+def estimate_training_memory(shape: ModelShape, *, batch_size: int, rows: int, max_length: int) -> MemoryEstimate:
     """Upper bound of a training step's memory: fp32 weights + activations + logits at full length.
 
     A batch holds at most `rows` examples, padded to the longest, never beyond `max_length`
@@ -263,19 +316,15 @@ def estimate_training_memory(config: PretrainedConfig, *, batch_size: int, rows:
     also preallocates a list of `batch_size` indices per dataloader (train and eval), whatever
     the number of rows: 8 bytes each.
     """
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 0)
-    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    heads = int(getattr(config, "num_attention_heads", 0) or 1)
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    positions = int(getattr(config, "max_position_embeddings", None) or max_length)
+    positions = shape.positions or max_length
     seq = min(max_length, positions)
     batch = min(batch_size, rows)
-    params = 12 * layers * hidden * hidden + vocab * hidden + positions * hidden
-    per_layer = (_ACT_HIDDEN * hidden + _ACT_ATTN * heads * seq) * _ACT_FP32
+    params = 12 * shape.layers * shape.hidden**2 + (shape.vocab + positions) * shape.hidden
+    per_layer = (_ACT_HIDDEN * shape.hidden + _ACT_ATTN * shape.heads * seq) * _ACT_FP32
     return MemoryEstimate(
         weights=params * _FP32,
-        activations=batch * seq * layers * per_layer,
-        logits=batch * seq * vocab * _FP32 * _LOGIT_COPIES,
+        activations=batch * seq * shape.layers * per_layer,
+        logits=batch * seq * shape.vocab * _FP32 * _LOGIT_COPIES,
         sampler=batch_size * _INDEX_BYTES * _DATALOADERS,
         batch=batch,
         seq=seq,

@@ -21,6 +21,7 @@ from ckptflow.settings import Settings, env_var_for
 if TYPE_CHECKING:
     from ckptflow.data import SplitSizes
     from ckptflow.ledger import Ledger
+    from ckptflow.modeling import ModelShape
 
 # The first 16 bytes of every SQLite 3 database file.
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -276,7 +277,7 @@ def available_memory() -> int | None:
     return available
 
 
-def check_memory(settings: Settings, config: Any, sizes: SplitSizes) -> None:
+def check_memory(settings: Settings, shape: ModelShape, sizes: SplitSizes) -> None:
     """Refuse a batch whose estimated step memory exceeds the RAM available now, with the numbers."""
     from ckptflow.modeling import estimate_training_memory
 
@@ -286,7 +287,7 @@ def check_memory(settings: Settings, config: Any, sizes: SplitSizes) -> None:
     rows = max(sizes.train_rows, sizes.eval_rows)
 
     def estimate(batch_size: int):
-        return estimate_training_memory(config, batch_size=batch_size, rows=rows, max_length=settings.model.max_length)
+        return estimate_training_memory(shape, batch_size=batch_size, rows=rows, max_length=settings.model.max_length)
 
     need = estimate(settings.train.batch_size)
     if need.total <= available:
@@ -298,10 +299,11 @@ def check_memory(settings: Settings, config: Any, sizes: SplitSizes) -> None:
     raise ConfigError(
         f"batch_size={settings.train.batch_size} would need ~{need.total / _GIB:.1f} GiB of RAM "
         f"(batch of {need.batch} × {need.seq} tokens: activations {need.activations / _GIB:.1f} GiB, "
-        f"logits {need.logits / _GIB:.1f} GiB over a {getattr(config, 'vocab_size', '?')}-token vocabulary, "
+        f"logits {need.logits / _GIB:.1f} GiB over a {shape.vocab}-token vocabulary, "
         f"weights {need.weights / _GIB:.2f} GiB, batch index lists {need.sampler / _GIB:.1f} GiB), "
-        f"but only {available / _GIB:.1f} GiB is available: set CKPTFLOW_TRAIN__BATCH_SIZE to at most {lo} "
-        "(CKPTFLOW_TRAIN__GRADIENT_ACCUMULATION_STEPS gives a larger effective batch) or lower CKPTFLOW_MODEL__MAX_LENGTH"
+        f"but only {available / _GIB:.1f} GiB is available: set CKPTFLOW_TRAIN__BATCH_SIZE to at most {min(lo, rows)} "
+        f"(the data has {rows} rows: a larger batch_size changes nothing but memory; "
+        "CKPTFLOW_TRAIN__GRADIENT_ACCUMULATION_STEPS gives a larger effective batch) or lower CKPTFLOW_MODEL__MAX_LENGTH"
     )
 
 
@@ -309,8 +311,9 @@ def check_memory(settings: Settings, config: Any, sizes: SplitSizes) -> None:
 
 
 def check_cheap(settings: Settings) -> Preflight:
-    """Settings, home, ledger and data rows: no torch, transformers or Prefect imported, nothing written."""
+    """Settings, home, ledger, data rows, config.json and memory: no torch, transformers or Prefect, nothing written."""
     from ckptflow.data import check_split, split_sizes
+    from ckptflow.modeling import model_shape
 
     check_finite(settings)
     check_home(settings.home, writable=True)
@@ -318,16 +321,15 @@ def check_cheap(settings: Settings) -> Preflight:
     revision = check_ledger(settings.ledger)
     sizes = split_sizes(settings.data, settings.train.seed)
     check_split(settings.data, sizes, evaluates=settings.checkpoint.evaluates)
+    check_memory(settings, model_shape(settings.model.name_or_path, settings.home), sizes)
     return Preflight(sizes=sizes, revision=revision)
 
 
-def check_model(settings: Settings, sizes: SplitSizes) -> None:
-    """The model's config readable, LoRA targets present, one step fits in RAM (imports transformers/PEFT)."""
+def check_model(settings: Settings) -> None:
+    """transformers can build the model from its config, and the LoRA targets exist (imports torch/PEFT)."""
     from ckptflow.modeling import check_lora_targets, model_config
 
-    config = model_config(settings.model.name_or_path, settings.home)
-    check_lora_targets(config, settings.model)
-    check_memory(settings, config, sizes)
+    check_lora_targets(model_config(settings.model.name_or_path, settings.home), settings.model)
 
 
 def _check_ledger_dir(settings: Settings) -> None:
