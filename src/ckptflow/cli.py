@@ -404,6 +404,7 @@ def export(
 
 
 @app.command()
+@_exits
 def serve() -> None:
     """Serve the finetune and retrain deployments (flow.serve, no work pool needed)."""
     from deployments.serve import main as serve_main
