@@ -144,7 +144,7 @@ def run(
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
-    completed = _refuse_or_find_completed(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
+    completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
     if completed is not None:
         err.print(f"run {completed} already completed; `ckptflow checkpoints {completed}` shows it, --new trains again", highlight=False)
         return
@@ -175,33 +175,6 @@ def run(
             highlight=False,
         )
     err.print(f"  exported step {export.get('step')} to {export.get('path')}", highlight=False, soft_wrap=True)
-
-
-def _refuse_or_find_completed(settings: Settings, run_name: str | None, new: bool) -> str | None:
-    """Refuse resuming with changed settings/data or a run being trained (exit 2); the name of a completed run.
-
-    Reads the data and the tokenizer for the data fingerprint but tokenizes and caches nothing.
-    Without a ledger nothing was recorded yet: nothing to refuse.
-    """
-    from ckptflow import preflight
-
-    if not preflight.ledger_exists(settings):
-        return None
-    from ckptflow.data import fingerprint_only
-    from ckptflow.ledger import Ledger, RunStatus
-    from ckptflow.modeling import load_tokenizer, resolve_model
-    from ckptflow.runs import default_run_name, refuse_early
-
-    tokenizer = load_tokenizer(resolve_model(settings.model.name_or_path, settings.home))
-    fingerprint = fingerprint_only(
-        settings.data, tokenizer=tokenizer, max_length=settings.model.max_length, seed=settings.train.seed
-    )
-    with Ledger(settings.ledger) as ledger:
-        refuse_early(ledger, settings, data_fingerprint=fingerprint, run_name=run_name, new=new)
-        existing = None if new else ledger.get_run(run_name or default_run_name(settings, fingerprint))
-    if existing is not None and existing.status == RunStatus.COMPLETED:
-        return existing.name
-    return None
 
 
 @app.command()

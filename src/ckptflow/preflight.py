@@ -1,9 +1,11 @@
 """Preflight: everything that can be checked without training, checked before anything is written.
 
-`ckptflow run` calls `check_before_run` before it starts Prefect or writes a ledger row; the
-read-only commands call `check_home` and `open_readonly_ledger`. The checks run cheapest first
-(settings, home, ledger, data rows — no torch, transformers or Prefect imported), then the
-model's config, its LoRA targets and a memory estimate (these import transformers/PEFT).
+`ckptflow run` calls, before it starts Prefect or writes a ledger row:
+1. `check_cheap` — settings, home, ledger, data rows, config.json, memory; imports no torch,
+   transformers or Prefect, so a refusal takes about as long as `ckptflow --help`;
+2. `check_resume` — a changed or locked run is refused, a completed one answers (needs the tokenizer);
+3. `check_model` — transformers builds the model and the LoRA targets exist (imports torch/PEFT).
+Read-only commands use `open_readonly_ledger`, which creates and migrates nothing.
 Every refusal is a BadInputError whose message names what to change.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +32,6 @@ _MEMINFO = Path("/proc/meminfo")
 _CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
 _CGROUP_MEMORY_CURRENT = Path("/sys/fs/cgroup/memory.current")
 _GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Preflight:
-    """What the checks measured, for the caller's messages."""
-
-    sizes: SplitSizes
-    revision: str | None
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -310,7 +303,7 @@ def check_memory(settings: Settings, shape: ModelShape, sizes: SplitSizes) -> No
 # -- the whole preflight of `ckptflow run` ----------------------------------------------------
 
 
-def check_cheap(settings: Settings) -> Preflight:
+def check_cheap(settings: Settings) -> None:
     """Settings, home, ledger, data rows, config.json and memory: no torch, transformers or Prefect, nothing written."""
     from ckptflow.data import check_split, split_sizes
     from ckptflow.modeling import model_shape
@@ -318,11 +311,10 @@ def check_cheap(settings: Settings) -> Preflight:
     check_finite(settings)
     check_home(settings.home, writable=True)
     _check_ledger_dir(settings)
-    revision = check_ledger(settings.ledger)
+    check_ledger(settings.ledger)
     sizes = split_sizes(settings.data, settings.train.seed)
     check_split(settings.data, sizes, evaluates=settings.checkpoint.evaluates)
     check_memory(settings, model_shape(settings.model.name_or_path, settings.home), sizes)
-    return Preflight(sizes=sizes, revision=revision)
 
 
 def check_model(settings: Settings) -> None:
@@ -330,6 +322,31 @@ def check_model(settings: Settings) -> None:
     from ckptflow.modeling import check_lora_targets, model_config
 
     check_lora_targets(model_config(settings.model.name_or_path, settings.home), settings.model)
+
+
+def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | None:
+    """Refuse resuming with changed settings/data or a run being trained; the name of a completed run, else None.
+
+    Reads the data and the tokenizer for the data fingerprint but tokenizes and caches nothing.
+    Without a ledger nothing was recorded yet: nothing to refuse.
+    """
+    if not ledger_exists(settings):
+        return None
+    from ckptflow.data import fingerprint_only
+    from ckptflow.ledger import Ledger, RunStatus
+    from ckptflow.modeling import load_tokenizer, resolve_model
+    from ckptflow.runs import default_run_name, refuse_early
+
+    tokenizer = load_tokenizer(resolve_model(settings.model.name_or_path, settings.home))
+    fingerprint = fingerprint_only(
+        settings.data, tokenizer=tokenizer, max_length=settings.model.max_length, seed=settings.train.seed
+    )
+    with Ledger(settings.ledger) as ledger:
+        refuse_early(ledger, settings, data_fingerprint=fingerprint, run_name=run_name, new=new)
+        existing = None if new else ledger.get_run(run_name or default_run_name(settings, fingerprint))
+    if existing is not None and existing.status == RunStatus.COMPLETED:
+        return existing.name
+    return None
 
 
 def _check_ledger_dir(settings: Settings) -> None:
