@@ -284,6 +284,10 @@ class Proc:
         return steps[0][0] - self.t_spawn if steps else None
 
 
+class ProbeTargetMissing(RuntimeError):
+    """A function the timing probe wraps no longer exists (renamed by a library upgrade)."""
+
+
 def run_probed(label: str, command: Sequence[str], env: dict[str, str], *, cwd: Path | None = None,
                timeout: float = 1800, check: bool = True) -> Proc:  # fmt: skip
     """Run a command with the probe on; collect its probe files (and its children's).
@@ -306,6 +310,9 @@ def run_probed(label: str, command: Sequence[str], env: dict[str, str], *, cwd: 
         except ValueError:
             pass
     shutil.rmtree(probe_dir, ignore_errors=True)
+    broken = sorted({m for p in probes for m in p.get("missing", []) + p.get("probe_errors", [])})
+    if broken:  # time would silently move to another bucket: refuse to report it
+        raise ProbeTargetMissing(f"{label}: the timing probe could not wrap {', '.join(broken)}; update benchmarks/_probe")
     result = Proc(label, t1 - t0, proc.returncode, t0, t1, probes, proc.stderr[-4000:], proc.stdout, cpu)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{label}: {' '.join(command)} exited {proc.returncode}\n{proc.stderr[-4000:]}")

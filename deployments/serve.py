@@ -5,6 +5,8 @@ deployments/prefect.yaml, so served and worker-based deployments behave the same
 Stop with Ctrl-C: Prefect pauses the served deployments' schedules on shutdown.
 Serve or `make deploy` + a worker, not both: deployments of the same name that run on a work
 pool are refused here (delete them first), because served runs of them would crash.
+Against a server with authentication, set PREFECT_API_AUTH_STRING (README: Team setup); without it,
+or with a wrong one, this exits 2 and says so.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
 
@@ -62,6 +64,18 @@ def _pool_deployments(names: list[str]) -> list[str]:
     return taken
 
 
+def _refuse_unauthorized() -> NoReturn:
+    """A server started with PREFECT_SERVER_API_AUTH_STRING refused us: say what to set (never echo a secret)."""
+    from prefect.settings import PREFECT_API_URL
+
+    print(
+        f"error: the Prefect server at {PREFECT_API_URL.value() or 'of the current profile'} refused us "
+        f"(401 Unauthorized): set PREFECT_API_AUTH_STRING=user:password to the server's PREFECT_SERVER_API_AUTH_STRING",
+        file=sys.stderr,
+    )
+    raise SystemExit(2)
+
+
 def main() -> None:
     """Serve both flows until interrupted. Like `ckptflow run`, flow runs start in the current directory:
     relative config_file paths (the retrain deployment's `examples/nightly.toml`) resolve from there,
@@ -69,12 +83,19 @@ def main() -> None:
     for key, value in (("PREFECT_LOGGING_EXTRA_LOGGERS", "ckptflow"), ("HF_HUB_OFFLINE", "1"), ("DO_NOT_TRACK", "1")):
         os.environ.setdefault(key, value)
     from prefect import serve
+    from prefect.exceptions import PrefectHTTPStatusError
 
     from flows.finetune import finetune
     from flows.retrain import retrain
 
     specs = deployment_specs()
-    taken = _pool_deployments([f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain"))])
+    names = [f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain"))]
+    try:
+        taken = _pool_deployments(names)
+    except PrefectHTTPStatusError as exc:
+        if exc.response.status_code != 401:
+            raise
+        _refuse_unauthorized()
     if taken:
         print(
             f"error: {', '.join(taken)} already deployed to a work pool (make deploy): run a worker for them "

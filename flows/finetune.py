@@ -10,7 +10,7 @@ from ckptflow import pipeline
 from ckptflow.chunks import lease_holder_id
 from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.ledger import RunStatus
-from ckptflow.params import FinetuneOverrides, settings_overrides
+from ckptflow.params import FinetuneOverrides, RunName, settings_overrides
 from ckptflow.planning import chunk_plan
 from ckptflow.quiet import quiet_libraries
 from ckptflow.settings import Settings, load_settings
@@ -59,7 +59,7 @@ def _steps_done(settings: Settings, run_name: str) -> int:
 
 @flow(name="finetune")
 def finetune(
-    run_name: str | None = None,
+    run_name: RunName | None = None,
     new: bool = False,
     config_file: str | None = None,
     overrides: FinetuneOverrides | None = None,

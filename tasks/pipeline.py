@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, task
@@ -38,7 +37,7 @@ def _prepare_data(settings: Settings) -> pipeline.PreparedInfo:
 
 def prepare_data(settings: Settings) -> Task[..., pipeline.PreparedInfo]:
     """The prepare_data task with its cache under this run's $CKPTFLOW_HOME (a rerun with the same data is `Cached`)."""
-    return _prepare_data.with_options(result_storage=Path(settings.home) / PREFECT_RESULTS_DIR)
+    return _prepare_data.with_options(result_storage=pipeline.prefect_results_dir(settings))
 
 
 @task(name="open_run", cache_policy=NO_CACHE)

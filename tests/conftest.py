@@ -22,3 +22,24 @@ def home(tmp_path, monkeypatch):
         if key.startswith("CKPTFLOW_") and key != "CKPTFLOW_HOME":
             monkeypatch.delenv(key)
     return h
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL 15 server for the session (tests/postgres.py): loopback, password auth, no leftovers.
+
+    Fails (not skips) when the server binaries are missing: CI must have them."""
+    from tests.postgres import postgres_server as start_postgres
+
+    with start_postgres() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's PostgreSQL server: its SQLAlchemy URL (`postgresql+psycopg://…`)."""
+    from sqlalchemy.engine import make_url
+
+    url = postgres_server.create_database()
+    yield url
+    postgres_server.drop_database(make_url(url).database)

@@ -138,9 +138,18 @@ def _step_end_wrapper(orig):
     return wrapper
 
 
+def _missing(owner, attr) -> None:
+    """A target that is gone (a library upgrade renamed it): recorded, and run_probed then fails the benchmark."""
+    where = getattr(owner, "__qualname__", None) or getattr(owner, "__name__", repr(owner))
+    STATE.setdefault("missing", []).append(f"{where}.{attr}")
+
+
 def _patch(owner, attr, make):
     orig = getattr(owner, attr, None)
-    if orig is not None and not getattr(orig, "_bench_probe", False):
+    if orig is None:
+        _missing(owner, attr)
+        return
+    if not getattr(orig, "_bench_probe", False):
         wrapped = make(orig)
         wrapped._bench_probe = True
         setattr(owner, attr, wrapped)
@@ -167,6 +176,9 @@ def _patch_callbacks(m):
 
 def _patch_classmethod(cls, attr, name):
     raw = cls.__dict__.get(attr)
+    if not isinstance(raw, classmethod):
+        _missing(cls, attr)
+        return
     if isinstance(raw, classmethod) and not getattr(raw.__func__, "_bench_probe", False):
         wrapped = _span_wrapper(raw.__func__, name)
         wrapped._bench_probe = True

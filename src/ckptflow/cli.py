@@ -32,6 +32,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ckptflow.errors import BadInputError, CkptflowError
+from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, load_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Crash-safe, policy-driven LoRA fine-tuning.")
@@ -55,7 +56,7 @@ def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # a name may hold [ ]
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
             err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
@@ -135,6 +136,8 @@ def run(
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run even if the name exists.")] = False,
 ) -> None:
     """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
+    if run_name is not None:
+        validate_run_name(run_name, suffix="-2" if new else "")  # before anything is read or started
     from ckptflow import preflight
 
     settings = _settings(config)
@@ -257,6 +260,7 @@ def checkpoints(
     as_json: JsonOpt = False,
 ) -> None:
     """Committed (or all) checkpoints of a run."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.views import checkpoints_view
 
     settings = _settings(config)
@@ -277,6 +281,7 @@ def checkpoints(
 @_exits
 def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-hash every committed checkpoint and look for partial ones; exit 1 when any file differs or is missing."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.recovery import verify_run
     from ckptflow.runs import get_run
 
@@ -317,6 +322,7 @@ def prune(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply the retention policy now (the run's recorded policy, or --config's)."""
+    validate_run_name(run_name, option="the RUN argument")
     from ckptflow.retention import apply_retention
     from ckptflow.runs import get_run, run_settings
 
@@ -351,25 +357,30 @@ def prune(
 def export(
     run_name: Annotated[str, typer.Argument()],
     step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory: new, empty, or an earlier export (with --force).")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an earlier ckptflow export at --out.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Export the best (or --step) verified checkpoint as a model transformers can load."""
+    validate_run_name(run_name, option="the RUN argument")
+    from ckptflow.export import export_target
+
+    settings = _settings(config)
+    export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
     from ckptflow.pipeline import export_run
     from ckptflow.quiet import quiet_libraries
     from ckptflow.runs import get_run, run_settings
 
     quiet_libraries()
-    settings = _settings(config)
     ledger = _ledger(settings)
     try:
         recorded = run_settings(get_run(ledger, run_name))
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None)
+    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force)
     if as_json:
         _emit_json(result)
         return

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from ckptflow.paths import contained
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -258,10 +260,10 @@ def quarantine(checkpoint_dir: Path, quarantine_root: Path, reason: str) -> Path
         raise FileNotFoundError(f"cannot quarantine {checkpoint_dir}: it does not exist")
     quarantine_root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    dest = quarantine_root / f"{checkpoint_dir.name}-{stamp}"
+    dest = contained(quarantine_root, f"{checkpoint_dir.name}-{stamp}")
     n = 1
-    while dest.exists():
-        dest = quarantine_root / f"{checkpoint_dir.name}-{stamp}-{n}"
+    while dest.exists() or dest.is_symlink():  # never onto anything already there
+        dest = contained(quarantine_root, f"{checkpoint_dir.name}-{stamp}-{n}")
         n += 1
     try:
         os.replace(checkpoint_dir, dest)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model
 
+from ckptflow.paths import RUN_NAME_MAX_LENGTH, RUN_NAME_PATTERN, RUN_NAME_RULE, InvalidRunNameError, validate_run_name
 from ckptflow.settings import (
     CheckpointSettings,
     DataSettings,
@@ -28,8 +29,26 @@ __all__ = [
     "FaultOverrides",
     "FinetuneOverrides",
     "ModelOverrides",
+    "RunName",
     "TrainOverrides",
     "settings_overrides",
+]
+
+
+def _run_name(name: str) -> str:
+    try:
+        return validate_run_name(name, option="the run_name parameter")
+    except InvalidRunNameError as exc:  # pydantic reports ValueError as a validation error
+        raise ValueError(str(exc)) from None
+
+
+# The run-name grammar as a parameter type: the pattern and length go into the JSON schema,
+# so the Prefect UI form refuses a bad name; the validator gives the full message elsewhere.
+RunName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=RUN_NAME_MAX_LENGTH, pattern=RUN_NAME_PATTERN),
+    AfterValidator(_run_name),
+    Field(description=RUN_NAME_RULE[0].upper() + RUN_NAME_RULE[1:] + "."),
 ]
 
 

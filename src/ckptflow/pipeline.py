@@ -17,6 +17,7 @@ from typing import Any
 from ckptflow import faults
 from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
 from ckptflow.ledger import Ledger, RunStatus
+from ckptflow.paths import DATA_CACHE_DIR, PREFECT_RESULTS_DIR, contained
 from ckptflow.runs import OpenedRun, get_run, open_run
 from ckptflow.settings import Settings
 
@@ -33,7 +34,12 @@ class PreparedInfo:
 
 
 def data_cache_dir(settings: Settings) -> Path:
-    return settings.home / "data-cache"
+    return contained(settings.home, DATA_CACHE_DIR)
+
+
+def prefect_results_dir(settings: Settings) -> Path:
+    """Where Prefect persists task results (the prepare_data cache)."""
+    return contained(settings.home, PREFECT_RESULTS_DIR)
 
 
 def load_inputs(settings: Settings):
@@ -161,13 +167,23 @@ def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
 
 
 def export_run(
-    settings: Settings, run_name: str, *, step: int | None = None, out: Path | None = None, merge: bool | None = None
+    settings: Settings,
+    run_name: str,
+    *,
+    step: int | None = None,
+    out: Path | None = None,
+    merge: bool | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Export the best (or `step`) verified checkpoint; records it in the ledger."""
-    from ckptflow.export import export_checkpoint
+    """Export the best (or `step`) verified checkpoint; records it in the ledger.
+
+    An explicit `out` that holds an earlier export is replaced only with `force`.
+    """
+    from ckptflow.export import export_checkpoint, export_target
     from ckptflow.modeling import load_base_model, load_tokenizer, resolve_model
     from ckptflow.selection import choose_checkpoint
 
+    target = export_target(settings, run_name, out=out, force=force)
     faults.configure(settings.fault)
     ledger = Ledger(settings.ledger)
     try:
@@ -179,7 +195,7 @@ def export_run(
         result = export_checkpoint(
             run=run,
             checkpoint=ckpt,
-            out_dir=out or settings.export_dir(run.name),
+            out_dir=target,
             merge=merged,
             base_loader=lambda: load_base_model(resolved),
             tokenizer=load_tokenizer(resolved),

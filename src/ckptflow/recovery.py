@@ -9,8 +9,10 @@ Plain functions over a `Ledger` and the filesystem (no Prefect, no torch):
 - `verify_run` re-hashes every committed checkpoint and reports partial directories;
 - `prune_checkpoints` is the one executor of a retention decision.
 
-Nothing here deletes a directory the ledger does not know: unknown or broken directories
-are quarantined.
+Nothing here deletes a directory the ledger does not say ckptflow wrote: a checkpoint
+directory is deleted only when its manifest hashes to the ledger's `manifest_sha256` and it
+sits in the run's checkpoints dir, a `.pruning-checkpoint-N` only when the ledger row says
+`pruned`; unknown or broken directories are quarantined (moved, never deleted).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ckptflow.integrity import (
     verify_checkpoint,
 )
 from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger
+from ckptflow.paths import QUARANTINE_DIR
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +92,22 @@ def _finish_prunes(
     """Step 0 of reconcile: complete prunes a crash interrupted."""
     root = Path(checkpoints_dir)
     pending = sorted(root.glob(PRUNING_PREFIX + "checkpoint-*")) if root.is_dir() else []
-    for path in pending:
+    for path in pending:  # in the run's checkpoints dir by construction
         step = checkpoint_step(path.with_name(path.name.removeprefix(PRUNING_PREFIX)))
-        if step is not None and step in rows:
-            if rows[step].state == CheckpointState.COMMITTED:
-                ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, "pruned (finished after an interruption)")
+        if step is not None and step in rows and rows[step].state == CheckpointState.PRUNED:
             shutil.rmtree(path)
             notes.append(f"checkpoint-{step}: finished an interrupted prune")
-        else:  # not ours to delete
-            _quarantine(path, quarantine_dir, "interrupted prune of a checkpoint the ledger does not know", notes)
+        else:  # the ledger never marked it pruned: not ours to delete
+            _quarantine(path, quarantine_dir, "a .pruning- directory the ledger does not record as pruned", notes)
     for row in rows.values():
         path = Path(row.path)
-        if row.state == CheckpointState.PRUNED and path.is_dir() and checkpoint_step(path) == row.step:
+        if row.state != CheckpointState.PRUNED or not path.is_dir() or checkpoint_step(path) != row.step:
+            continue
+        if _in_dir(path, root) and _written_by_ckptflow(path, row):
             _delete_checkpoint_dir(path)
             notes.append(f"checkpoint-{row.step}: finished an interrupted prune")
+        else:
+            _quarantine(path, quarantine_dir, "pruned in the ledger, but the directory is not the one it recorded", notes)
 
 
 def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path) -> list[str]:
@@ -260,14 +265,42 @@ def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None)
     return bad
 
 
+def _in_dir(path: Path, directory: Path) -> bool:
+    """Whether `path` is an entry directly inside `directory` (both resolved)."""
+    return path.resolve().parent == Path(directory).resolve()
+
+
+def _written_by_ckptflow(path: Path, row: CheckpointRecord) -> bool:
+    """The ledger's proof that ckptflow wrote `path`: its manifest hashes to what the row recorded."""
+    return bool(row.manifest_sha256) and manifest_sha256(path) == row.manifest_sha256
+
+
+def _unlisted_files(path: Path) -> list[str]:
+    """Files below a checkpoint dir that its manifest does not list: someone else put them there."""
+    manifest = read_manifest(path)
+    listed = {f.path for f in manifest.files} if manifest else set()
+    found = (p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink())
+    return sorted(f for f in found if f not in listed and f != MANIFEST_NAME)
+
+
 def _delete_checkpoint_dir(path: Path) -> None:
-    """Rename to `.pruning-<name>` (atomic), then delete; idempotent."""
+    """Rename to `.pruning-<name>` (atomic), then delete what was renamed; nothing else is touched.
+
+    A directory holding files its manifest does not list is moved to the run's quarantine
+    instead (with the reason), so those files survive.
+    """
+    if not path.is_dir():
+        return
+    unlisted = _unlisted_files(path)
+    if unlisted:
+        reason = f"pruned, but kept: it holds files ckptflow did not write ({', '.join(unlisted[:5])})"
+        dest = quarantine(path, path.parent.with_name(QUARANTINE_DIR), reason)
+        log.warning("checkpoint-%s %s; moved to %s", checkpoint_step(path), reason, dest)
+        return
     pending = _pruning_name(path)
-    if path.is_dir():
-        os.replace(path, pending)
-        faults.pause("prune-renamed", checkpoint_step(path))
-    if pending.exists():
-        shutil.rmtree(pending)
+    os.replace(path, pending)
+    faults.pause("prune-renamed", checkpoint_step(path))
+    shutil.rmtree(pending)
 
 
 def prune_checkpoints(
@@ -276,7 +309,8 @@ def prune_checkpoints(
     """Execute a retention decision: delete the given steps' directories and mark them pruned.
 
     `prune` maps step → reason (from policy.py). Steps in `never_delete` and rows that are
-    not committed are skipped. Order per step, crash-safe: (1) mark the row `pruned` (a
+    not committed are skipped, and so is a directory the ledger does not prove ckptflow wrote
+    (its manifest must hash to the row's). Order per step, crash-safe: (1) mark the row `pruned` (a
     committed row never points at a deleted directory); (2) rename the directory to
     `.pruning-checkpoint-N` (a half-deleted directory never looks like a checkpoint);
     (3) delete it. `reconcile` finishes (2)-(3) after a crash. Returns the steps pruned.
@@ -291,6 +325,9 @@ def prune_checkpoints(
         path = Path(row.path)
         if checkpoint_step(path) != step:
             log.warning("not pruning step %s: its path %s is not a checkpoint-%s directory", step, path, step)
+            continue
+        if path.is_dir() and not _written_by_ckptflow(path, row):
+            log.warning("not pruning step %s: %s does not hold the manifest the ledger recorded", step, path)
             continue
         ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, prune[step])  # (1)
         faults.pause("prune-marked", step)

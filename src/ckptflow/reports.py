@@ -59,8 +59,8 @@ def checkpoint_rows(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
             {
                 "step": c.step,
                 "state": str(c.state),
-                ck.metric_key: c.metrics.get(ck.metric_key),
-                "loss": c.metrics.get("loss"),
+                ck.metric_key: _rounded(c.metrics.get(ck.metric_key)),
+                "loss": _rounded(c.metrics.get("loss")),
                 "size": format_bytes(c.bytes) if c.bytes else "",
                 "bytes": c.bytes,
                 "is_best": c.step == best,
@@ -70,6 +70,11 @@ def checkpoint_rows(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _rounded(value: Any) -> Any:
+    """A metric as people read it (6 significant digits); the ledger and --json keep full precision."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def training_log(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
@@ -84,6 +89,19 @@ def training_log(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
 
 def loss_curve_png(log_history: list[dict[str, Any]], out: Path, title: str) -> Path | None:
     """Train and eval loss by step as a PNG; None when there is nothing to plot."""
+    fig = loss_curve_figure(log_history, title)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def loss_curve_figure(log_history: list[dict[str, Any]], title: str):
+    """The matplotlib figure of `loss_curve_png` (integer step ticks); None when there is nothing to plot."""
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not evals:
@@ -92,22 +110,24 @@ def loss_curve_png(log_history: list[dict[str, Any]], out: Path, title: str) -> 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss", marker=".")
     if evals:
         ax.plot(*zip(*evals), label="eval loss", marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    steps = [step for step, _ in train + evals]
+    if max(steps) - min(steps) < 2:  # a one- or two-step run: matplotlib would zoom to fractional ticks
+        ax.set_xlim(min(steps) - 1, max(steps) + 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def png_data_uri(path: Path) -> str:

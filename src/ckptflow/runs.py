@@ -9,6 +9,7 @@ from typing import Any
 
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
+from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, env_var_for, settings_from_json, steps_per_epoch
 
 # Keys of runs.config (JSON).
@@ -103,11 +104,11 @@ def open_run(
     Raises FingerprintMismatchError (exit 2) when the existing run was made with other
     settings or data and `new` is not set; with `new`, the fresh run is named `<name>-<k>`.
     """
-    name = run_name or default_run_name(settings, data_fingerprint)
+    name = validate_run_name(run_name) if run_name is not None else default_run_name(settings, data_fingerprint)
     fingerprint = run_fingerprint(settings, data_fingerprint)
     existing = ledger.get_run(name)
     if existing is not None and new:
-        name, existing = _free_name(ledger, name), None
+        name, existing = validate_run_name(_free_name(ledger, name), option="--run-name (--new appends -<k>)"), None
     if existing is not None:
         _refuse_changed(existing, settings, data_fingerprint)
         return OpenedRun(existing, created=False)

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from ckptflow.errors import ConfigError
+from ckptflow.paths import CHECKPOINTS_DIR, EXPORTS_DIR, QUARANTINE_DIR, RUNS_DIR, contained, validate_run_name
 
 ENV_PREFIX = "CKPTFLOW_"
 ENV_NESTED_DELIMITER = "__"
@@ -223,17 +224,18 @@ class Settings(BaseSettings):
             return self.ledger_url
         return f"sqlite:///{(self.home / 'ledger.db').resolve()}"
 
+    # Every path below is built by paths.contained: it cannot leave the home, whatever the name.
     def run_dir(self, run_name: str) -> Path:
-        return self.home / "runs" / run_name
+        return contained(self.home / RUNS_DIR, validate_run_name(run_name, option="the run name"))
 
     def checkpoints_dir(self, run_name: str) -> Path:
-        return self.run_dir(run_name) / "checkpoints"
+        return contained(self.run_dir(run_name), CHECKPOINTS_DIR)
 
     def quarantine_dir(self, run_name: str) -> Path:
-        return self.run_dir(run_name) / "quarantine"
+        return contained(self.run_dir(run_name), QUARANTINE_DIR)
 
     def export_dir(self, run_name: str) -> Path:
-        return self.home / "exports" / run_name
+        return contained(self.home / EXPORTS_DIR, validate_run_name(run_name, option="the run name"))
 
     def warnings(self) -> list[str]:
         """Legal but risky choices, each with what to change."""

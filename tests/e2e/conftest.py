@@ -4,6 +4,7 @@ process group, all killed (with every descendant) when the module's tests finish
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ class Stack:
     ckptflow_home: Path  # the worker's CKPTFLOW_HOME
     logs: Path
     deploy_output: str = ""
+    auth_string: str | None = None  # what clients send (PREFECT_API_AUTH_STRING), None = server without auth
 
     def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         """Run the prefect CLI against this server; output captured as text."""
@@ -108,19 +110,28 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("prefect-stack")
+@contextlib.contextmanager
+def start_stack(root: Path, *, auth_string: str | None = None) -> Iterator[Stack]:
+    """Server (bound to 127.0.0.1 on a free port), pool and deployments (deploy.sh), and a worker under `root`.
+
+    With `auth_string` ("user:password") the server requires it (PREFECT_SERVER_API_AUTH_STRING) and
+    every client here — deploy.sh, the worker, `stack.env` — sends it (PREFECT_API_AUTH_STRING)."""
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = _clean_env(root / "prefect-home", api_url)
+    # As in the README: the server's shell has no client settings; PREFECT_UI_API_URL is what browsers call
+    # (without it the UI would call port 4200).
+    server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_UI_API_URL": api_url}
+    if auth_string is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth_string
+        server_env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
     home = root / "ckptflow-home"
-    stack = Stack(api_url, env, home, root)
+    stack = Stack(api_url, env, home, root, auth_string=auth_string)
     procs: list[subprocess.Popen] = []
     try:
         server_log = root / "server.log"
         server = start_process(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_env, server_log
         )
         procs.append(server)
         _wait_healthy(api_url, server, server_log)
@@ -136,3 +147,9 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
     finally:
         for proc in reversed(procs):
             stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    with start_stack(tmp_path_factory.mktemp("prefect-stack")) as started:
+        yield started

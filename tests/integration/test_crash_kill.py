@@ -226,8 +226,10 @@ def test_export_moved_aside_by_a_killed_non_atomic_swap_is_restored(tmp_path):
     old = target.with_name(".r.old-999999999")  # pid that cannot be alive
     old.mkdir(parents=True)
     (old / "model.safetensors").write_bytes(b"previous")
+    (old / "ckptflow-provenance.json").write_text("{}")  # an earlier export: ckptflow's to restore
     tmp = target.with_name(".r.tmp-999999999")
     tmp.mkdir()
+    (tmp / ".ckptflow-export-in-progress").write_text("")  # ckptflow's marked temp dir: to delete
     _recover_interrupted(target)
     assert (target / "model.safetensors").read_bytes() == b"previous"
     assert sorted(p.name for p in target.parent.iterdir()) == ["r"]

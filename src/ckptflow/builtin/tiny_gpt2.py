@@ -19,6 +19,7 @@ from typing import Any
 
 from ckptflow.builtin.demo import DEMO_EVAL, DEMO_TRAIN, ENGLISH_CORPUS, demo_large_texts
 from ckptflow.errors import ModelNotFoundError
+from ckptflow.paths import contained
 
 TINY_GPT2 = "builtin:tiny-gpt2"
 BENCH_GPT2 = "builtin:bench-gpt2"
@@ -134,8 +135,8 @@ def materialize_tiny_gpt2(home: Path, **overrides: Any) -> Path:
     """
     recipe = _recipe(overrides)
     digest = recipe_digest(overrides)
-    root = Path(home) / BUILTIN_DIR
-    final = root / f"tiny-gpt2-{digest}"
+    root = contained(Path(home), BUILTIN_DIR)  # never outside the home, whatever CKPTFLOW_HOME holds
+    final = contained(root, f"tiny-gpt2-{digest}")
     if (final / RECIPE_FILE).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
