@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +119,9 @@ def _parse_url(url: str) -> Any:
     try:
         return make_url(url)
     except (ArgumentError, ValueError) as exc:
+        shown = re.sub(r"(://)[^@/]*@", r"\1***@", url)  # never echo a password
         raise LedgerError(
-            f"CKPTFLOW_LEDGER_URL={url!r} is not a SQLAlchemy URL ({exc}): set it to e.g. "
+            f"CKPTFLOW_LEDGER_URL={shown!r} is not a SQLAlchemy URL ({exc}): set it to e.g. "
             "sqlite:////abs/path/ledger.db or postgresql+psycopg://user@host/db, or unset it for $CKPTFLOW_HOME/ledger.db"
         ) from None
 

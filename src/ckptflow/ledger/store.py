@@ -330,7 +330,7 @@ def _safe_url(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return repr(url)
+        return "(CKPTFLOW_LEDGER_URL)"
 
 
 # -- the ledger --------------------------------------------------------------------------
