@@ -159,11 +159,17 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def readonly_sqlite_uri(path: Path) -> str:
-    """The sqlite3 URI that opens `path` read-only; immutable on a read-only filesystem, where
-    nobody can change the file and SQLite could not create the WAL index it needs otherwise."""
+    """The sqlite3 URI that opens `path` read-only.
+
+    On a read-only filesystem SQLite cannot create the WAL index it needs, so the file is
+    opened `immutable` (nobody can change it there) — unless a non-empty WAL holds committed
+    transactions that immutable would ignore; then `mode=ro`, which reads them when the index exists.
+    """
     from urllib.parse import quote
 
-    flag = "immutable=1" if os.statvfs(path.parent).f_flag & os.ST_RDONLY else "mode=ro"
+    wal = path.with_name(path.name + "-wal")
+    pending = wal.is_file() and wal.stat().st_size > 0
+    flag = "immutable=1" if os.statvfs(path.parent).f_flag & os.ST_RDONLY and not pending else "mode=ro"
     return f"file:{quote(str(path.resolve()))}?{flag}"
 
 
