@@ -30,9 +30,11 @@ def plan_for_settings(settings: Settings, *, at_step: int | None = None) -> Plan
     """
     from ckptflow.data import split_sizes
     from ckptflow.modeling import count_parameters
+    from ckptflow.preflight import check_scale
 
     sizes = split_sizes(settings.data, settings.train.seed)
     total = total_steps(settings, sizes.train_rows)
+    check_scale(settings, total)
     if at_step is not None and not 1 <= at_step <= total:
         raise ConfigError(f"--at {at_step} is not a step of this run (it has steps 1 to {total}): pass --at between 1 and {total}")
     with _model_dir(settings) as resolved:

@@ -33,6 +33,11 @@ _MEMINFO = Path("/proc/meminfo")
 _CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
 _CGROUP_MEMORY_CURRENT = Path("/sys/fs/cgroup/memory.current")
 _GIB = 2**30
+# Most optimizer steps a run may have: plan and the flow walk every step, so beyond this
+# planning alone takes minutes (and no fine-tuning needs more).
+MAX_TOTAL_STEPS = 10_000_000
+# Most chunks a run may have: each is a Prefect task run with its own trainer start-up.
+MAX_CHUNKS = 10_000
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -48,6 +53,22 @@ def check_finite(settings: Settings) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 env = env_var_for((group_name, field))
                 raise ConfigError(f"{group_name}.{field}={value} is not a finite number: set {env} to a finite value")
+
+
+def check_scale(settings: Settings, total_steps: int) -> None:
+    """Refuse a run too long to plan, or split into more chunks than Prefect tasks make sense."""
+    if total_steps > MAX_TOTAL_STEPS:
+        which = "CKPTFLOW_TRAIN__MAX_STEPS" if settings.train.max_steps > 0 else "CKPTFLOW_TRAIN__EPOCHS"
+        raise ConfigError(
+            f"the run would have {total_steps:,} optimizer steps, more than the {MAX_TOTAL_STEPS:,} ckptflow plans: "
+            f"lower {which}"
+        )
+    chunk_steps = settings.train.chunk_steps
+    if chunk_steps and math.ceil(total_steps / chunk_steps) > MAX_CHUNKS:
+        raise ConfigError(
+            f"chunk_steps={chunk_steps} splits {total_steps:,} steps into {math.ceil(total_steps / chunk_steps):,} chunks "
+            f"(Prefect tasks), more than {MAX_CHUNKS:,}: raise CKPTFLOW_TRAIN__CHUNK_STEPS or set it to 0 (auto)"
+        )
 
 
 # -- home -----------------------------------------------------------------------------------
@@ -315,6 +336,7 @@ def check_cheap(settings: Settings) -> None:
     """Settings, home, ledger, data rows, config.json and memory: no torch, transformers or Prefect, nothing written."""
     from ckptflow.data import check_split, split_sizes
     from ckptflow.modeling import model_shape
+    from ckptflow.runs import total_steps
 
     check_finite(settings)
     check_home(settings.home, writable=True)
@@ -322,6 +344,7 @@ def check_cheap(settings: Settings) -> None:
     check_ledger(settings.ledger)
     sizes = split_sizes(settings.data, settings.train.seed)
     check_split(settings.data, sizes, evaluates=settings.checkpoint.evaluates)
+    check_scale(settings, total_steps(settings, sizes.train_rows))
     check_memory(settings, model_shape(settings.model.name_or_path, settings.home), sizes)
 
 

@@ -43,6 +43,11 @@ FRESH_CASES = [
     Case("margin-inf", ("run",), ("CKPTFLOW_EXPORT__PROMOTION_MARGIN",), env={"CKPTFLOW_EXPORT__PROMOTION_MARGIN": "inf"}),
     Case("plan-epochs-inf", ("plan",), ("CKPTFLOW_TRAIN__EPOCHS",), env={"CKPTFLOW_TRAIN__EPOCHS": "inf"}),
     Case("plan-epochs-inf-toml", ("plan", "--config", "c.toml"), ("CKPTFLOW_TRAIN__EPOCHS",), files={"c.toml": "[train]\nepochs = inf\n"}),
+    Case("max-steps-huge-plan", ("plan",), ("CKPTFLOW_TRAIN__MAX_STEPS", "10,000,000"), env={"CKPTFLOW_TRAIN__MAX_STEPS": "99999999999999"}),
+    Case("max-steps-huge-run", ("run",), ("CKPTFLOW_TRAIN__MAX_STEPS",), env={"CKPTFLOW_TRAIN__MAX_STEPS": "99999999999999"}),
+    Case("epochs-huge", ("run",), ("CKPTFLOW_TRAIN__EPOCHS", "optimizer steps"), env={"CKPTFLOW_TRAIN__EPOCHS": "1e12"}),
+    Case("chunk-steps-tiny", ("run",), ("CKPTFLOW_TRAIN__CHUNK_STEPS",), env={"CKPTFLOW_TRAIN__CHUNK_STEPS": "1", "CKPTFLOW_TRAIN__MAX_STEPS": "20000"}),
+    Case("builtin-unknown", ("run",), ("builtin:nope", "CKPTFLOW_MODEL__NAME_OR_PATH"), env={"CKPTFLOW_MODEL__NAME_OR_PATH": "builtin:nope"}),
     # the ledger URL
     Case("ledger-garbage", ("run",), ("CKPTFLOW_LEDGER_URL", "not a SQLAlchemy URL"), env={"CKPTFLOW_LEDGER_URL": "garbage"}),
     Case("ledger-garbage-runs", ("runs",), ("CKPTFLOW_LEDGER_URL",), env={"CKPTFLOW_LEDGER_URL": "::not a url::"}),
