@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,postgres]'
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,postgres,s3]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -26,8 +26,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
+# Only `make bench` drops the page cache (cold reads in bench_integrity; needs root); `make test` never does.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/run_all.py --drop-caches
 
 deploy: $(STAMP)
 	bash deployments/deploy.sh

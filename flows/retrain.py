@@ -12,10 +12,11 @@ from prefect.states import Completed, State
 from ckptflow import promotion
 from ckptflow.params import FinetuneOverrides
 from ckptflow.quiet import quiet_libraries
+from ckptflow.secrets import install_redaction
 from flows.finetune import finetune, resolve_settings
 from tasks.pipeline import prepare_data
-from tasks.promotion import find_champion, judge_challenger, record_decision
-from tasks.reporting import publish_decision
+from tasks.promotion import find_champion, judge_challenger, prune_exports, record_decision
+from tasks.reporting import publish_decision, publish_quietly
 
 
 @flow(name="retrain")
@@ -37,6 +38,7 @@ def retrain(
     quiet_libraries()
     logger = get_run_logger()
     settings = resolve_settings(config_file, overrides)
+    install_redaction([settings.ledger])  # now that Prefect's log handlers exist: mask secrets in every record
     prepared = prepare_data(settings)(settings)
     champion = find_champion(settings)
     margin = settings.export.promotion_margin
@@ -52,12 +54,13 @@ def retrain(
     candidate = {"run": trained["run"], **{k: export[k] for k in ("path", "step", "export_id")}}
     record = judge_challenger(settings, candidate, champion, prepared.data_fingerprint)
     record = record_decision(settings, record, export["export_id"])
+    prune_exports(settings)  # champion + previous + the last export.keep_challengers challengers stay
     return _finish(record, logger)
 
 
 def _finish(record: promotion.DecisionRecord, logger: Any, name: str = "Completed") -> State:
     """Publish the decision and end the flow run with it as the state message."""
-    publish_decision(record)
+    publish_quietly(publish_decision, record)
     logger.info("retrain: %s — %s", record.action, record.reason)
     message = record.reason if record.action == "skip" else f"{record.action}: {record.reason}"
     return Completed(name=name, message=message, data=record.to_json())

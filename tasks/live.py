@@ -11,16 +11,44 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ckptflow.ledger import CheckpointState, Ledger
 from ckptflow.settings import Settings
+from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
 
 log = logging.getLogger(__name__)
 
 # How often the watcher looks at the ledger (seconds): often enough that a save shows within seconds.
-POLL_SECONDS = 1.0
+POLL_SECONDS = 0.5
+# The summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most this often (seconds):
+# the UI grows its curve during a long chunk without a version per save piling up in Prefect's database.
+SUMMARY_MIN_INTERVAL_SECONDS = 30.0
+
+
+class LiveSummary:
+    """What a committed save changes in the UI: the progress artifact at once, the summary and its loss
+    curve at most every SUMMARY_MIN_INTERVAL_SECONDS (the flow publishes the final one at the end)."""
+
+    def __init__(self, settings: Settings, run_name: str, progress: RunProgress, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings, self.run_name, self.progress, self.clock = settings, run_name, progress, clock
+        self.summary_at: float | None = None
+        self._lock = threading.Lock()
+
+    def saved(self, step: int) -> None:
+        self.progress.reached(step)
+        if self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS:
+            self._publish()
+
+    def chunk_ended(self) -> None:
+        self._publish()
+
+    def _publish(self) -> None:
+        with self._lock:  # the watcher thread and the flow may both publish
+            self.summary_at = self.clock()
+            publish_quietly(publish_run_artifacts.fn, self.settings, self.run_name)
 
 
 def newest_committed_step(ledger: Ledger, run_name: str) -> int:
@@ -42,7 +70,7 @@ class _Watcher(threading.Thread):
         self._context.run(self._loop)
 
     def _loop(self) -> None:
-        ledger = Ledger(self.settings.ledger)
+        ledger = Ledger(self.settings.ledger, home=self.settings.home)
         try:
             while not self.stopped.wait(POLL_SECONDS):
                 self.poll(ledger)

@@ -14,7 +14,7 @@ from ckptflow.settings import Settings
 
 @task(name="find_champion", cache_policy=NO_CACHE)
 def find_champion(settings: Settings) -> promotion.Champion | None:
-    with Ledger(settings.ledger) as ledger:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
         return promotion.current_champion(ledger)
 
 
@@ -31,5 +31,15 @@ def record_decision(
     settings: Settings, record: promotion.DecisionRecord, challenger_export_id: int | None = None
 ) -> promotion.DecisionRecord:
     """Ledger `exports.promoted`, exports/champion.json and the decision log."""
-    with Ledger(settings.ledger) as ledger:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
         return promotion.record_decision(ledger, settings.home, record, challenger_export_id)
+
+
+@task(name="prune_exports", cache_policy=NO_CACHE)
+def prune_exports(settings: Settings) -> dict[str, dict[int, str]]:
+    """Keep the champion, the previous one and the last `export.keep_challengers` challengers; prune the rest."""
+    from ckptflow.export_retention import prune_exports as prune
+
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        decision = prune(ledger, settings.home, settings.export.keep_challengers)
+    return {"keep": decision.keep, "prune": decision.prune}

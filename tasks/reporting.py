@@ -3,10 +3,17 @@ progress as chunks finish, and the explanation of a retrain decision.
 
 Every artifact gets an explicit key (stable per run): the UI then shows the history of
 each one, and `prefect artifact ls` works (it fails on key-less artifacts).
+
+Artifacts are a view of the run, not the run: a failure to publish one (API down, a bug in a
+report) is logged and never replaces the run's real error or fails a completed run.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+import threading
 from uuid import UUID
 
 from prefect import task
@@ -28,11 +35,23 @@ CHECKPOINTS, SUMMARY, PROGRESS, DECISION = "checkpoints", "summary", "progress",
 # Key of the retrain decision artifact: one history of decisions, whatever the challenger's name.
 RETRAIN_DECISION_KEY = reports.artifact_key("retrain", DECISION)
 
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def publish_quietly(publish: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """`publish(*args, **kwargs)`; on failure log a warning and return None instead of raising."""
+    try:
+        return publish(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of a view must not change the run's outcome
+        log.warning("could not publish Prefect artifacts (%s: %s); the run is not affected", type(exc).__name__, exc)
+        return None
+
 
 @task(name="publish_artifacts", cache_policy=NO_CACHE)
 def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
     """Checkpoint table and summary (loss curve inlined); returns the artifact keys."""
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         rows = reports.checkpoint_rows(ledger, run_name)
         png = reports.loss_curve_png(
@@ -53,20 +72,30 @@ def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
 
 
 class RunProgress:
-    """A progress artifact for one run, moved forward as chunks finish (percent of optimizer steps)."""
+    """A progress artifact for one run (percent of optimizer steps), moved forward at every committed save
+    (tasks/live.py) and chunk end. Never moves back: the watcher thread and the flow may report out of order."""
 
     def __init__(self, run_name: str, total_steps: int, done_steps: int = 0) -> None:
         self.key = reports.artifact_key(run_name, PROGRESS)
         self.total_steps = max(1, total_steps)
-        self.artifact_id: UUID = create_progress_artifact(
-            self._percent(done_steps), key=self.key, description=f"Training progress of run {run_name}"
+        self.done_steps = done_steps
+        self._lock = threading.Lock()
+        self.artifact_id: UUID | None = publish_quietly(
+            create_progress_artifact,
+            self._percent(done_steps),
+            key=self.key,
+            description=f"Training progress of run {run_name}",
         )
 
     def _percent(self, step: int) -> float:
         return round(100.0 * min(step, self.total_steps) / self.total_steps, 1)
 
     def reached(self, step: int) -> None:
-        update_progress_artifact(self.artifact_id, self._percent(step))
+        with self._lock:
+            if self.artifact_id is None or step <= self.done_steps:
+                return
+            self.done_steps = step
+            publish_quietly(update_progress_artifact, self.artifact_id, self._percent(step))
 
 
 def publish_decision(record: DecisionRecord) -> str:

@@ -6,12 +6,12 @@ under torchrun). It is idempotent: a chunk whose end step is already committed i
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,23 +19,26 @@ from typing import Any
 from collections.abc import Callable
 
 from ckptflow import faults
-from ckptflow.errors import InsufficientDiskError
+from ckptflow.errors import InsufficientDiskError, LeaseLostError
 from ckptflow.integrity import dir_bytes, quarantine, write_manifest
-from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger, RunRecord
+from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, flows, drills import it from here)
+from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRecord, holding
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
-from ckptflow.planning import Chunk
+from ckptflow.planning import Chunk, Schedule, schedule_for
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
     DEFAULT_MIN_FREE_BYTES,
-    ChunkStopCallback,
     CommitCallback,
     DiskGuardCallback,
     FaultInjectionCallback,
     HeartbeatCallback,
     LogCallback,
     PauseCallback,
+    TENSORBOARD_DIR,
+    TENSORBOARD_DIR_ENV,
+    ScheduleCallback,
     TrainerSpec,
     checkpoint_dir,
     free_bytes,
@@ -43,6 +46,10 @@ from ckptflow.training import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# Environment variable that hands a child process the ledger URL (never written into the job file).
+LEDGER_URL_ENV = "CKPTFLOW_LEDGER_URL"
 
 
 @dataclass(frozen=True)
@@ -56,15 +63,27 @@ class ChunkJob:
     end_step: int
     settings: dict[str, Any]
     lease_holder: str | None = None
+    lease_token: int | None = None  # the holder's acquisition; None = its current one (read at begin)
     prefect_flow_run_id: str | None = None
     prefect_task_run_id: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        """The job for a child process, without the ledger URL (it may carry a password: see `child_env`)."""
+        document = asdict(self)
+        del document["ledger_url"]
+        return json.dumps(document)
 
     @classmethod
-    def from_json(cls, text: str) -> ChunkJob:
-        return cls(**json.loads(text))
+    def from_json(cls, text: str, ledger_url: str | None = None) -> ChunkJob:
+        """Rebuild a job written by `to_json`; the ledger URL comes from `ledger_url` or the environment."""
+        url = ledger_url or os.environ.get(LEDGER_URL_ENV)
+        if not url:
+            raise RuntimeError(f"the chunk job needs the ledger URL in {LEDGER_URL_ENV}")
+        return cls(ledger_url=url, **json.loads(text))
+
+    def child_env(self) -> dict[str, str]:
+        """Environment a child process needs to run this job: the ledger URL, kept out of every file."""
+        return {LEDGER_URL_ENV: self.ledger_url}
 
     @classmethod
     def for_chunk(cls, settings: Settings, run_name: str, chunk: Chunk, **extra: Any) -> ChunkJob:
@@ -75,7 +94,7 @@ class ChunkJob:
             chunk=chunk.index,
             start_step=chunk.start_step,
             end_step=chunk.end_step,
-            settings=settings.to_json(),
+            settings=settings.to_json(),  # without the ledger URL: see `to_json`
             **extra,
         )
 
@@ -91,10 +110,6 @@ class ChunkResult:
     notes: list[str] = field(default_factory=list)
 
 
-def lease_holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 @dataclass(frozen=True)
 class AttemptPlan:
     """Where an attempt starts; decided by the parent so every worker process resumes from the same place."""
@@ -104,6 +119,11 @@ class AttemptPlan:
     resume_step: int | None
     resume_path: str | None
     notes: list[str] = field(default_factory=list)
+    fence: list | None = None  # [run_id, holder, token] of the lease every write of the attempt is fenced by
+
+    @property
+    def lease(self) -> Fence | None:
+        return Fence(*self.fence) if self.fence else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -122,48 +142,76 @@ def begin_attempt(job: ChunkJob) -> AttemptPlan | None:
 
     Returns None when the chunk's end step is already committed (nothing to do; if reconcile
     or verification repaired something, a completed attempt row records it). Raises
-    RunLockedError when the job names a lease holder that no longer holds the run's lease.
+    LeaseLostError when the job names a lease holder that no longer holds the run's lease.
     """
     settings = settings_from_json(job.settings)
     faults.configure(settings.fault)
-    ledger = Ledger(job.ledger_url)
+    ledger = _ledger(job)
     try:
         run = _run(ledger, job)
-        if job.lease_holder:  # only the run's single writer may reconcile (it abandons `running` attempts)
-            ledger.heartbeat(run.id, job.lease_holder)
-        ckpt_dir, quarantine_dir = settings.checkpoints_dir(run.name), settings.quarantine_dir(run.name)
-        notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir)
-        resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir)
-        notes += resume.notes if resume else []  # (reconcile and resume_point log their own notes)
-        for note in _unusable_newer(ledger, run.id, resume.step if resume else 0, notes):
-            log.warning(note)
-            notes.append(note)
-        done = resume is not None and resume.step >= job.end_step
-        attempt = None
-        if not done or notes:  # a chunk with nothing to train still records the repairs it made
-            attempt = ledger.start_attempt(
-                run.id,
-                chunk=job.chunk,
-                start_step=resume.step if resume else 0,
-                end_step=job.end_step,
-                resumed_from_step=resume.step if resume else None,
-                prefect_flow_run_id=job.prefect_flow_run_id,
-                prefect_task_run_id=job.prefect_task_run_id,
-            )
-            for note in notes:
-                ledger.add_attempt_note(attempt.id, note)
-        if done:
-            # Already trained (perhaps by a process killed before it pruned): leave what the policy keeps.
-            if attempt is not None:
-                ledger.add_attempt_note(attempt.id, f"nothing to train: checkpoint-{resume.step} is committed and verifies")
-                ledger.finish_attempt(attempt.id, AttemptStatus.COMPLETED)
-            apply_retention(ledger, run.id, settings.checkpoint)
-            return None
-        return AttemptPlan(
-            attempt.id, attempt.attempt, resume.step if resume else None, str(resume.path) if resume else None, notes
-        )
+        fence = _job_fence(ledger, run.id, job)  # only the run's single writer may reconcile (it abandons attempts)
+        with _fenced(job, fence):
+            return _begin(ledger, run, settings, job, fence)
     finally:
         ledger.close()
+
+
+def _job_fence(ledger: Ledger, run_id: int, job: ChunkJob) -> Fence | None:
+    """The lease acquisition the job's writes are fenced by (None: the job names no holder)."""
+    if not job.lease_holder:
+        return None
+    if job.lease_token is None:
+        return ledger.current_fence(run_id, job.lease_holder)
+    ledger.heartbeat(run_id, job.lease_holder, token=job.lease_token)  # raises if taken over since
+    return Fence(run_id, job.lease_holder, job.lease_token)
+
+
+def _fenced(job: ChunkJob, fence: Fence | None) -> contextlib.AbstractContextManager:
+    return holding(job.ledger_url, fence) if fence else contextlib.nullcontext()
+
+
+def _ledger(job: ChunkJob) -> Ledger:
+    """The job's ledger; stored paths resolve against the job's CKPTFLOW_HOME."""
+    return Ledger(job.ledger_url, home=job.settings.get("home"))
+
+
+def _begin(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, fence: Fence | None) -> AttemptPlan | None:
+    ckpt_dir, quarantine_dir = settings.checkpoints_dir(run.name), settings.quarantine_dir(run.name)
+    notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir)
+    resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir)
+    notes += resume.notes if resume else []  # (reconcile and resume_point log their own notes)
+    for note in _unusable_newer(ledger, run.id, resume.step if resume else 0, notes):
+        log.warning(note)
+        notes.append(note)
+    done = resume is not None and resume.step >= job.end_step
+    attempt = None
+    if not done or notes:  # a chunk with nothing to train still records the repairs it made
+        attempt = ledger.start_attempt(
+            run.id,
+            chunk=job.chunk,
+            start_step=resume.step if resume else 0,
+            end_step=job.end_step,
+            resumed_from_step=resume.step if resume else None,
+            prefect_flow_run_id=job.prefect_flow_run_id,
+            prefect_task_run_id=job.prefect_task_run_id,
+        )
+        for note in notes:
+            ledger.add_attempt_note(attempt.id, note)
+    if done:
+        # Already trained (perhaps by a process killed before it pruned): leave what the policy keeps.
+        if attempt is not None:
+            ledger.add_attempt_note(attempt.id, f"nothing to train: checkpoint-{resume.step} is committed and verifies")
+            ledger.finish_attempt(attempt.id, AttemptStatus.COMPLETED)
+        apply_retention(ledger, run.id, settings.checkpoint)
+        return None
+    return AttemptPlan(
+        attempt.id,
+        attempt.attempt,
+        resume.step if resume else None,
+        str(resume.path) if resume else None,
+        notes,
+        [fence.run_id, fence.holder, fence.token] if fence else None,
+    )
 
 
 def _unusable_newer(ledger: Ledger, run_id: int, resume_step: int, notes: list[str]) -> list[str]:
@@ -178,18 +226,27 @@ def _unusable_newer(ledger: Ledger, run_id: int, resume_step: int, notes: list[s
 
 
 def end_attempt(job: ChunkJob, plan: AttemptPlan, exc: BaseException | None) -> BaseException | None:
-    """Record how the attempt ended; returns the exception to raise (disk-full explained), if any."""
+    """Record how the attempt ended; returns the exception to raise (disk-full explained), if any.
+
+    Fenced like every write of the attempt: if the lease was taken over, a success raises
+    LeaseLostError, and a failure is returned as it is (the new holder abandons the attempt row).
+    """
     settings = settings_from_json(job.settings)
-    ledger = Ledger(job.ledger_url)
+    ledger = _ledger(job)
     try:
-        if exc is None:
-            ledger.finish_attempt(plan.attempt_id, AttemptStatus.COMPLETED)
-            # The checkpoint this attempt resumed from is no longer in use: let the policy see it.
-            apply_retention(ledger, _run(ledger, job).id, settings.checkpoint)
-            return None
-        explained = _explain_disk_full(exc, settings, _run(ledger, job), ledger)
-        ledger.finish_attempt(plan.attempt_id, AttemptStatus.FAILED, error=_describe_failure(explained))
-        return explained
+        with _fenced(job, plan.lease):
+            if exc is None:
+                ledger.finish_attempt(plan.attempt_id, AttemptStatus.COMPLETED)
+                # The checkpoint this attempt resumed from is no longer in use: let the policy see it.
+                apply_retention(ledger, _run(ledger, job).id, settings.checkpoint)
+                return None
+            try:
+                explained = _explain_disk_full(exc, settings, _run(ledger, job), ledger)
+                ledger.finish_attempt(plan.attempt_id, AttemptStatus.FAILED, error=_describe_failure(explained))
+            except LeaseLostError as lost:  # never hide the real failure behind the lost lease
+                log.error("attempt %s failed and its lease is lost (%s): not recorded", plan.attempt_id, lost)
+                return exc
+            return explained
     finally:
         ledger.close()
 
@@ -281,9 +338,10 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
     """Build a fresh trainer and train from the plan's resume point to the chunk end (any process, any rank)."""
     settings = settings_from_json(job.settings)
     faults.configure(settings.fault)
-    ledger = Ledger(job.ledger_url)
+    ledger = _ledger(job)
     try:
-        _train(ledger, _run(ledger, job), settings, job, plan)
+        with _fenced(job, plan.lease):
+            _train(ledger, _run(ledger, job), settings, job, plan)
     finally:
         ledger.close()
 
@@ -297,6 +355,9 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
 
     resolved, tokenizer, data = load_inputs(settings)
     spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
+    # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
+    os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
+    schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -304,7 +365,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan.attempt),
+        callbacks=_callbacks(ledger, run, settings, job, plan, schedule),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
@@ -325,20 +386,26 @@ def _pause_mid_save(trainer: Any) -> None:
     trainer._save_optimizer_and_scheduler = paused
 
 
-def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, attempt: int) -> list:
+def _callbacks(
+    ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan, schedule: Schedule
+) -> list:
+    """The trainer's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
+    fence = plan.lease
 
     def begin(step: int) -> None:
-        ledger.begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()))
+        ledger.begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()), fence=fence)
         faults.pause("save-begun", step)
 
     def saved(step: int, epoch: float | None, metrics: dict) -> None:
         path = checkpoint_dir(ckpt_root, step)
         faults.pause("files-written", step)
+        if fence is not None:  # lost meanwhile: stop before the manifest makes the directory look complete
+            ledger.heartbeat(run.id, fence.holder, token=fence.token)
         manifest, sha = write_manifest(path, step=step, metrics=metrics, settings_digest=run.fingerprint)
         faults.pause("manifest-written", step)
         ledger.commit_checkpoint(
-            run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha
+            run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha, fence=fence
         )
         log.info("committed checkpoint-%d (%d bytes, %s)", step, manifest.total_bytes, _metric_text(metrics, settings))
         decision = apply_retention(ledger, run.id, settings.checkpoint)
@@ -351,17 +418,17 @@ def _callbacks(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob
 
     callbacks: list = [
         PauseCallback(),
-        ChunkStopCallback(job.end_step),
+        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
         DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
         LogCallback(log),
     ]
     if not _is_main_process():  # under torchrun only rank 0 commits and heartbeats
         return callbacks
     callbacks.append(CommitCallback(begin, saved))
-    if job.lease_holder:
-        callbacks.append(HeartbeatCallback(lambda: ledger.heartbeat(run.id, job.lease_holder)))
+    if fence is not None:
+        callbacks.append(HeartbeatCallback(lambda: ledger.heartbeat(run.id, fence.holder, token=fence.token)))
     fault = settings.fault
-    if fault.at_step is not None and attempt <= fault.times and job.start_step < fault.at_step <= job.end_step:
+    if fault.at_step is not None and plan.attempt <= fault.times and job.start_step < fault.at_step <= job.end_step:
         callbacks.insert(0, FaultInjectionCallback(fault.at_step, fault.mode))
     return callbacks
 

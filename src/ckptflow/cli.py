@@ -108,9 +108,9 @@ def _ledger(settings: Settings, run_name: str | None = None):
     if not preflight.ledger_exists(settings):
         if run_name is not None:
             raise _no_runs(run_name, settings)
-        raise RunNotFoundError(f"no runs yet: {settings.ledger} does not exist; `ckptflow run` creates it")
+        raise RunNotFoundError(f"no runs yet: {settings.ledger_shown} does not exist; `ckptflow run` creates it")
     preflight.check_ledger(settings.ledger)
-    return Ledger(settings.ledger)
+    return Ledger(settings.ledger, home=settings.home)
 
 
 def _readonly_ledger(settings: Settings):
@@ -243,7 +243,7 @@ def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         finally:
             ledger.close()
     if not rows and not as_json:
-        err.print(f"no runs yet in {settings.ledger}; `ckptflow run` starts one", highlight=False)
+        err.print(f"no runs yet in {settings.ledger_shown}; `ckptflow run` starts one", highlight=False)
         return
     if as_json:
         _emit_json(rows)
@@ -369,7 +369,8 @@ def export(
 
     settings = _settings(config)
     export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
-    from ckptflow.pipeline import export_run
+    from ckptflow.lease import lease_holder_id
+    from ckptflow.pipeline import export_run, run_lease
     from ckptflow.quiet import quiet_libraries
     from ckptflow.runs import get_run, run_settings
 
@@ -380,7 +381,10 @@ def export(
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    result = export_run(recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force)
+    with run_lease(recorded, run_name, lease_holder_id()):  # never beside a live training run of `run_name`
+        result = export_run(
+            recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force
+        )
     if as_json:
         _emit_json(result)
         return
@@ -412,6 +416,9 @@ def _cell(value: Any) -> str:
 
 
 def main() -> None:
+    from ckptflow.secrets import install_redaction
+
+    install_redaction()  # credentials in the environment (ledger URL, cloud keys) never reach a log line
     app()
 
 

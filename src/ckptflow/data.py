@@ -162,7 +162,8 @@ def load_texts(spec: str, text_field: str, *, env_var: str = TRAIN_ENV) -> tuple
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise DataError(f"data file {spec} does not exist: set {env_var} to an existing file")
+            tried = "" if str(path.absolute()) == spec else f" (looked for {path.absolute()})"
+            raise DataError(f"data file {spec} does not exist: set {env_var} to an existing file{tried}")
         if path.is_dir():
             train, eval_ = _read_saved_dataset(path, spec, text_field)
         else:

@@ -41,6 +41,10 @@ class RunLockedError(BadInputError):
     """Another live process holds the run's lease."""
 
 
+class LeaseLostError(RunLockedError):
+    """This process's lease on a run was taken over: its writes to the run are refused (fencing)."""
+
+
 class InsufficientDiskError(CkptflowError):
     """A save would leave less free disk than min_free_bytes, or the disk filled during a save."""
 

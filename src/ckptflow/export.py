@@ -33,6 +33,10 @@ if TYPE_CHECKING:  # the ledger (SQLAlchemy, Alembic) is not imported to refuse 
 
 log = logging.getLogger(__name__)
 
+# How an export names a local model or data path: its last component only.
+LOCAL_MODEL_PREFIX = "local:"
+# PEFT's adapter config, whose base_model_name_or_path is the base model's local path.
+ADAPTER_CONFIG = "adapter_config.json"
 # Files ckptflow adds to an export.
 CARD_NAME = "README.md"
 PROVENANCE_NAME = "ckptflow-provenance.json"
@@ -54,13 +58,49 @@ class ExportResult:
     seconds: float
 
 
+def portable_name(name_or_path: str) -> str:
+    """A model or data reference as it may leave the machine: built-in names and hub ids as they are,
+    a local path as `local:<last component>` (no absolute paths of the training machine)."""
+    if not name_or_path or name_or_path.startswith("builtin:"):
+        return name_or_path
+    path = Path(name_or_path)
+    if path.is_absolute() or name_or_path.startswith(".") or path.exists():
+        return f"{LOCAL_MODEL_PREFIX}{path.name}"
+    return name_or_path  # a hub id such as `gpt2` or `org/name`
+
+
+def _portable_adapter_config(path: Path, base_model: str) -> None:
+    """PEFT records the base model's local path in an adapter export; keep only its portable name."""
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = portable_name(base_model)
+    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def training_description(run: RunRecord) -> dict[str, Any]:
+    """The settings that shaped the weights (what the run fingerprint hashes), with local paths reduced to names.
+
+    Never the home, the ledger URL or anything else about where the run was trained."""
+    from ckptflow.runs import run_settings
+
+    try:
+        inputs = run_settings(run).fingerprint_inputs()
+    except ValueError:  # recorded by an older version whose settings no longer validate
+        return {}
+    inputs["model"]["name_or_path"] = portable_name(inputs["model"]["name_or_path"])
+    for key in ("train", "eval"):
+        inputs["data"][key] = portable_name(inputs["data"].get(key) or "")
+    return inputs
+
+
 def _model_card(run: RunRecord, ckpt: CheckpointRecord, merged: bool, metrics: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(metrics.items()))
     kind = "LoRA merged into the base weights" if merged else "LoRA adapter (load with PEFT on the base model)"
     return (
         f"# {run.name}\n\n"
         f"Fine-tuned with ckptflow (TRL SFTTrainer + PEFT LoRA): {kind}.\n\n"
-        f"- base model: `{run.base_model}`\n"
+        f"- base model: `{portable_name(run.base_model)}`\n"
         f"- run: `{run.name}` (ledger id {run.id})\n"
         f"- checkpoint: step {ckpt.step} of {run.total_steps}\n"
         f"- data fingerprint: `{run.config.get('data_fingerprint', '')}`\n"
@@ -301,20 +341,21 @@ def export_checkpoint(
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        _portable_adapter_config(tmp / ADAPTER_CONFIG, run.base_model)
         (tmp / CARD_NAME).write_text(_model_card(run, checkpoint, merge, metrics))
         provenance = {
             "run": run.name,
             "run_id": run.id,
-            "base_model": run.base_model,
+            "base_model": portable_name(run.base_model),
             "step": checkpoint.step,
             "total_steps": run.total_steps,
-            "checkpoint_path": checkpoint.path,
+            "checkpoint": Path(checkpoint.path).name,  # checkpoint-<step>: nothing about the training machine
             "manifest_sha256": checkpoint.manifest_sha256,
             "run_fingerprint": run.fingerprint,
             "data_fingerprint": run.config.get("data_fingerprint"),
             "merged": merge,
             "metrics": metrics,
-            "settings": run.config.get("settings"),
+            "training": training_description(run),
             "notes": list(notes or []),  # e.g. checkpoints skipped because they failed verification
             "exported_at": datetime.now(UTC).isoformat(),
         }

@@ -9,6 +9,7 @@ broken checkpoints are moved to a quarantine directory with the reason next to t
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -122,14 +123,20 @@ def _parallel(fn: Callable[[T], R], items: list[T], sizes: list[int]) -> list[R]
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
+    """Make the directory's entries (new, renamed files) durable; raises OSError if that fails.
+
+    A failed fsync means the data may not be on disk (EIO): the commit that relies on it must
+    fail, not go on. Only platforms that cannot open or fsync directories at all are skipped
+    (Windows; EINVAL = the filesystem does not support fsync on directories).
+    """
+    if os.name == "nt":
         return
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
     finally:
         os.close(fd)
 

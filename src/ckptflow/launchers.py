@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, Launch, train_attempt
-from ckptflow.errors import BadInputError, CkptflowError, InsufficientDiskError
+from ckptflow.errors import BadInputError, CkptflowError, InsufficientDiskError, LeaseLostError
 from ckptflow.worker import ERROR_LINE_PREFIX, EXIT_BAD_INPUT, EXIT_DISK_FULL, PARENT_PID_ENV
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,17 @@ def _child_error(code: int, tail: list[str]) -> CkptflowError | None:
         message = json.loads(report.removeprefix(ERROR_LINE_PREFIX))["message"]
     except (ValueError, KeyError, TypeError):
         message = report
-    return InsufficientDiskError(message) if code == EXIT_DISK_FULL else BadInputError(message)
+    if code == EXIT_DISK_FULL:
+        return InsufficientDiskError(message)
+    return LeaseLostError(message) if _report_type(report) == LeaseLostError.__name__ else BadInputError(message)
+
+
+def _report_type(report: str) -> str | None:
+    """The exception type named in a worker's error line."""
+    try:
+        return json.loads(report.removeprefix(ERROR_LINE_PREFIX)).get("type")
+    except (ValueError, AttributeError):
+        return None
 
 
 def _describe_exit(code: int) -> str:
@@ -74,15 +84,14 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         plan_file.write_text(plan.to_json())
         command = [arg.replace("{job}", str(job_file)).replace("{plan}", str(plan_file)) for arg in command]
         # The child dies with us (worker.py sets PDEATHSIG): no orphan keeps writing after `kill -9` of the flow.
-        env = {**CHILD_ENV_DEFAULTS, **os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**CHILD_ENV_DEFAULTS, **os.environ, **job.child_env(), PARENT_PID_ENV: str(os.getpid())}
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
-        assert proc.stdout is not None
-        tail: list[str] = []
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = (tail + [line])[-_TAIL_LINES:]
-            log.info("[chunk %d] %s", job.chunk, line)
-        code = proc.wait()
+        try:
+            tail = _stream(proc, job.chunk)
+            code = proc.wait()
+        except BaseException:
+            _kill(proc)  # we raise (Ctrl-C, a Prefect cancel, a bug): the child must not train on unobserved
+            raise
     if code != 0:
         reported = _child_error(code, tail)
         if reported is not None:
@@ -90,6 +99,25 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         raise ChunkProcessError(
             f"chunk {job.chunk} training process (pid {proc.pid}) {_describe_exit(code)}; last output:\n" + "\n".join(tail)
         )
+
+
+def _stream(proc: subprocess.Popen, chunk: int) -> list[str]:
+    """Log the child's output as it comes; returns its last lines."""
+    assert proc.stdout is not None
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail = (tail + [line])[-_TAIL_LINES:]
+        log.info("[chunk %d] %s", chunk, line)
+    return tail
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the child and reap it (torchrun's ranks die with their agent: PDEATHSIG, see worker.py)."""
+    if proc.poll() is None:
+        log.warning("killing training process %d: its launcher is failing", proc.pid)
+        proc.kill()
+    proc.wait()
 
 
 def launch_inprocess(job: ChunkJob, plan: AttemptPlan) -> None:

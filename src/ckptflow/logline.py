@@ -30,6 +30,7 @@ class StepRate:
 
     first_step: int | None = None
     first_time: float = 0.0
+    last: float | None = None
     clock: Any = field(default=time.monotonic)
 
     def observe(self, step: int) -> float | None:
@@ -38,7 +39,12 @@ class StepRate:
             self.first_step, self.first_time = step, now
             return None
         elapsed, steps = now - self.first_time, step - self.first_step
-        return steps / elapsed if elapsed > 0 and steps > 0 else None
+        self.last = steps / elapsed if elapsed > 0 and steps > 0 else None
+        return self.last
+
+    def rate(self) -> float | None:
+        """The rate at the last observed step (None before two steps)."""
+        return self.last
 
 
 def format_log_line(step: int, total_steps: int, logs: dict[str, Any], rate: float | None) -> str | None:

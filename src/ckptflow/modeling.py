@@ -134,6 +134,7 @@ def lora_config(model: ModelSettings) -> peft.LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
         target_modules=list(model.lora_target_modules) if model.lora_target_modules else None,
+        modules_to_save=list(model.lora_modules_to_save) if model.lora_modules_to_save else None,
     )
 
 

@@ -112,7 +112,7 @@ def _hash_source(digest: Any, spec: str) -> None:
 
 
 def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str | None, new: bool) -> OpenedRun:
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         opened = open_run(
             ledger,
@@ -130,7 +130,7 @@ def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str
 
 
 def set_status(settings: Settings, run_name: str, status: RunStatus) -> None:
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         ledger.set_run_status(get_run(ledger, run_name).id, status)
     finally:
@@ -143,7 +143,7 @@ def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
     from ckptflow.modeling import load_base_model
     from ckptflow.selection import choose_checkpoint
 
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         run = get_run(ledger, run_name)
         resolved, tokenizer, data = load_inputs(settings)
@@ -185,13 +185,13 @@ def export_run(
 
     target = export_target(settings, run_name, out=out, force=force)
     faults.configure(settings.fault)
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         run = get_run(ledger, run_name)
         ckpt, notes = choose_checkpoint(ledger, run, settings, step=step)
         resolved = resolve_model(settings.model.name_or_path, settings.home)
         merged = settings.export.merge if merge is None else merge
-        metrics = {**ckpt.metrics, **{k: v for k, v in run.metrics.items() if k.startswith(("best_", "base_"))}}
+        metrics = export_metrics(ckpt.step, ckpt.metrics, run.metrics)
         result = export_checkpoint(
             run=run,
             checkpoint=ckpt,
@@ -220,12 +220,21 @@ def export_run(
         ledger.close()
 
 
+def export_metrics(step: int, checkpoint_metrics: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """What an export's card and provenance report: the exported step's own metrics, the base model's,
+    and the end-of-run evaluation of the best checkpoint only when that is the step exported."""
+    metrics = {**checkpoint_metrics, **{k: v for k, v in evaluation.items() if k.startswith("base_")}}
+    if evaluation.get("best_step") == step:
+        metrics.update({k: v for k, v in evaluation.items() if k.startswith("best_")})
+    return metrics
+
+
 @contextmanager
 def run_lease(settings: Settings, run_name: str, holder: str) -> Iterator[None]:
     """Hold the run's lease for the block (heartbeat thread): a second live `ckptflow run` on this run is refused."""
     from ckptflow.lease import hold_lease
 
-    ledger = Ledger(settings.ledger)
+    ledger = Ledger(settings.ledger, home=settings.home)
     try:
         run_id = get_run(ledger, run_name).id
     finally:

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ckptflow.errors import ConfigError
-from ckptflow.planning import Plan, estimate_checkpoint_bytes, make_plan
+from ckptflow.planning import Plan, estimate_checkpoint_bytes, make_plan, schedule_for
 from ckptflow.runs import total_steps
-from ckptflow.settings import Settings, steps_per_epoch
+from ckptflow.settings import Settings
 
 # Files of a tokenizer that HF saves beside the weights.
 _TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens")
@@ -41,11 +41,11 @@ def plan_for_settings(settings: Settings, *, at_step: int | None = None) -> Plan
         _, trainable = count_parameters(resolved, settings.model)
         # HF copies the tokenizer files into every checkpoint.
         tokenizer_bytes = sum(p.stat().st_size for p in resolved.path.glob("*") if p.name.startswith(_TOKENIZER_FILES))
+    # The same schedule the flow trains by and every chunk's trainer saves and evaluates by.
+    schedule = schedule_for(settings, total_steps=total, train_rows=sizes.train_rows)
     return make_plan(
         settings.checkpoint,
-        total_steps=total,
-        steps_per_epoch=steps_per_epoch(sizes.train_rows, settings.train.batch_size, settings.train.gradient_accumulation_steps),
-        chunk_steps=settings.train.chunk_steps,
+        schedule,
         bytes_per_checkpoint=estimate_checkpoint_bytes(trainable, extra_bytes=_HF_STATE_BYTES + tokenizer_bytes),
         free_bytes=shutil.disk_usage(_nearest_existing(settings.home)).free,
         at_step=at_step,

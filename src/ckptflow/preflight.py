@@ -274,7 +274,7 @@ def open_readonly_ledger(settings: Settings) -> Ledger | None:
         return None
     from ckptflow.ledger import Ledger
 
-    return Ledger(settings.ledger, readonly=True)
+    return Ledger(settings.ledger, home=settings.home, readonly=True)
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | N
     fingerprint = fingerprint_only(
         settings.data, tokenizer=tokenizer, max_length=settings.model.max_length, seed=settings.train.seed
     )
-    with Ledger(settings.ledger) as ledger:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
         refuse_early(ledger, settings, data_fingerprint=fingerprint, run_name=run_name, new=new)
         existing = None if new else ledger.get_run(run_name or default_run_name(settings, fingerprint))
     if existing is not None and existing.status == RunStatus.COMPLETED:

@@ -1,7 +1,7 @@
 """Champion/challenger for scheduled retraining: skip, compare, promote, record.
 
-The champion is the export marked `promoted` in the ledger (the newest one, should a crash
-leave two). `$CKPTFLOW_HOME/exports/champion.json` points at it for whoever serves the
+The champion is the export marked `promoted` in the ledger (exactly one: promotion flips
+the flags in one transaction). `$CKPTFLOW_HOME/exports/champion.json` points at it for whoever serves the
 model, the symlink `exports/champion` makes it loadable by path, and every decision
 (promote, keep, skip) is appended to `exports/decisions.jsonl`.
 
@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ckptflow.errors import BadInputError
 from ckptflow.evaluation import EVAL_LOSS
-from ckptflow.export import PROVENANCE_NAME
+from ckptflow.export import LOCAL_MODEL_PREFIX, PROVENANCE_NAME
 from ckptflow.ledger import ExportRecord, Ledger
 from ckptflow.runs import CONFIG_DATA_FINGERPRINT
 from ckptflow.settings import Settings
@@ -43,6 +44,8 @@ __all__ = [
     "judge",
     "read_pointer",
     "record_decision",
+    "rollback",
+    "rollback_target",
     "skip_record",
 ]
 
@@ -55,9 +58,13 @@ DECISIONS_FILE = "decisions.jsonl"
 # The reason (and Prefect state message) of a retrain that found nothing new to train on.
 SKIPPED_NO_NEW_DATA = "skipped: no new data"
 
-Action = Literal["promote", "keep", "skip"]
+Action = Literal["promote", "keep", "skip", "rollback"]
 
 log = logging.getLogger(__name__)
+
+
+class NothingToRollBackError(BadInputError):
+    """`rollback` found no earlier champion that is still kept."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,11 @@ def read_pointer(home: Path) -> dict[str, Any] | None:
 # -- comparing -------------------------------------------------------------------------------------
 
 
-def _load_export(path: Path, home: Path) -> Any:
-    """A model from an export directory: merged weights directly, an adapter on its base model."""
+def _load_export(path: Path, settings: Settings) -> Any:
+    """A model from an export directory: merged weights directly, an adapter on its base model.
+
+    An export names a local base model only as `local:<name>` (it says nothing about the machine
+    it was trained on); the adapter is then loaded onto this run's base model."""
     provenance = json.loads((path / PROVENANCE_NAME).read_text())
     if provenance.get("merged", True):
         from transformers import AutoModelForCausalLM
@@ -186,7 +196,10 @@ def _load_export(path: Path, home: Path) -> Any:
 
     from ckptflow.modeling import load_base_model, resolve_model
 
-    return PeftModel.from_pretrained(load_base_model(resolve_model(provenance["base_model"], home)), str(path))
+    base = provenance["base_model"]
+    if base.startswith(LOCAL_MODEL_PREFIX):
+        base = settings.model.name_or_path
+    return PeftModel.from_pretrained(load_base_model(resolve_model(base, settings.home)), str(path))
 
 
 def evaluate_exports(settings: Settings, exports: dict[str, Path]) -> tuple[dict[str, dict[str, float]], int]:
@@ -202,7 +215,7 @@ def evaluate_exports(settings: Settings, exports: dict[str, Path]) -> tuple[dict
     if data.eval is None:
         return {}, 0
     scores = {
-        name: evaluate_model(_load_export(path, settings.home), data.eval, tokenizer, settings)
+        name: evaluate_model(_load_export(path, settings), data.eval, tokenizer, settings)
         for name, path in exports.items()
     }
     return scores, data.eval_rows
@@ -278,12 +291,15 @@ def _point_link(exports_dir: Path, target: Path) -> str | None:
     return None
 
 
-def _promote(ledger: Ledger, home: Path, export: ExportRecord, run_name: str, data_fingerprint: str) -> Path:
-    """Mark `export` promoted (then un-mark the others), and point champion.json and the symlink at it."""
-    ledger.set_promoted(export.id, True)  # first: a crash in between leaves the newest promoted, which wins
-    for other in ledger.exports():
-        if other.promoted and other.id != export.id:
-            ledger.set_promoted(other.id, False)
+def _promote(
+    ledger: Ledger, home: Path, export: ExportRecord, run_name: str, data_fingerprint: str, *, rollback: bool = False
+) -> Path:
+    """Mark `export` the only promoted one (one transaction), then point champion.json and the symlink at it.
+
+    The ledger is the truth: a crash before the pointer files are updated leaves them at the
+    previous champion until the next promotion rewrites them.
+    """
+    ledger.promote_export(export.id, rollback=rollback)
     exports_dir = home / "exports"
     exports_dir.mkdir(parents=True, exist_ok=True)
     pointer = {
@@ -302,6 +318,65 @@ def _promote(ledger: Ledger, home: Path, export: ExportRecord, run_name: str, da
     return exports_dir / CHAMPION_FILE
 
 
+def rollback_target(exports: list[ExportRecord]) -> ExportRecord | None:
+    """The champion before the current one, if it is still kept: replaced before the current champion won.
+
+    A rollback restores an export without re-stamping it, so after one rollback the export it
+    replaced is *newer* than the champion and is never a target: rolling back twice never
+    flips back and forth, and never reaches a pruned export.
+    """
+    champion = next((e for e in exports if e.promoted), None)
+    if champion is None or champion.promoted_at is None:
+        return None
+    earlier = [
+        e for e in exports
+        if not e.promoted and e.pruned_at is None and e.promoted_at is not None and e.promoted_at < champion.promoted_at
+    ]  # fmt: skip
+    return max(earlier, key=lambda e: (e.promoted_at, e.id), default=None)
+
+
+def rollback(ledger: Ledger, home: Path) -> DecisionRecord:
+    """Make the previous champion the champion again (ledger, champion.json, symlink), and record it.
+
+    Raises NothingToRollBackError (exit 2) when there is no champion, or no earlier champion
+    that is still kept with its files.
+    """
+    exports = ledger.exports()
+    champion = next((e for e in exports if e.promoted), None)
+    if champion is None:
+        raise NothingToRollBackError("no champion yet: `ckptflow retrain` promotes the first one")
+    target = rollback_target(exports)
+    current = ledger.get_run_by_id(champion.run_id).name
+    if target is None:
+        raise NothingToRollBackError(
+            f"nothing to roll back to: no champion before `{current}` is kept (retention keeps the champion and "
+            "the previous one; after a rollback, the next step back was pruned or never existed)"
+        )
+    if not (Path(target.path) / PROVENANCE_NAME).is_file():
+        raise NothingToRollBackError(f"the previous champion's export {target.path} is missing on disk: not restored")
+    run = ledger.get_run_by_id(target.run_id)
+    fingerprint = str(run.config.get(CONFIG_DATA_FINGERPRINT, ""))
+    pointer = _promote(ledger, home, target, run.name, fingerprint, rollback=True)
+    record = DecisionRecord(
+        action="rollback",
+        reason=f"rolled back from `{current}` to the previous champion `{run.name}`",
+        data_fingerprint=fingerprint,
+        margin=0.0,
+        champion={"run": current, "export_id": champion.id, "path": champion.path, "step": champion.step},
+        challenger={"run": run.name, "export_id": target.id, "path": target.path, "step": target.step},
+        pointer=str(pointer),
+    )
+    _append_decision(home, record)
+    return record
+
+
+def _append_decision(home: Path, record: DecisionRecord) -> None:
+    log_file = home / "exports" / DECISIONS_FILE
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("a") as fh:
+        fh.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+
+
 def record_decision(
     ledger: Ledger, home: Path, record: DecisionRecord, challenger_export_id: int | None = None
 ) -> DecisionRecord:
@@ -317,8 +392,5 @@ def record_decision(
         run_name = (record.challenger or {}).get("run") or ledger.get_run_by_id(export.run_id).name
         pointer = _promote(ledger, home, export, run_name, record.data_fingerprint)
         record = DecisionRecord(**{**record.to_json(), "pointer": str(pointer)})
-    log = home / "exports" / DECISIONS_FILE
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as fh:
-        fh.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+    _append_decision(home, record)
     return record

@@ -10,6 +10,7 @@ from typing import Any
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
+from ckptflow.secrets import mask_url
 from ckptflow.settings import Settings, env_var_for, settings_from_json, steps_per_epoch
 
 # Keys of runs.config (JSON).
@@ -112,7 +113,9 @@ def open_run(
     if existing is not None:
         _refuse_changed(existing, settings, data_fingerprint)
         return OpenedRun(existing, created=False)
-    config = {CONFIG_SETTINGS: settings.to_json(), CONFIG_DATA_FINGERPRINT: data_fingerprint}
+    # Not where the home or ledger is: a moved home must not be located through the recorded settings.
+    recorded = {k: v for k, v in settings.to_json().items() if k not in ("home", "ledger_url")}
+    config = {CONFIG_SETTINGS: recorded, CONFIG_DATA_FINGERPRINT: data_fingerprint}
     run = ledger.create_run(
         name,
         fingerprint=fingerprint,
@@ -152,5 +155,6 @@ def get_run(ledger: Ledger, name: str) -> RunRecord:
     run = ledger.get_run(name)
     if run is None:
         known = ", ".join(r.name for r in ledger.list_runs()[:10]) or "none yet"
-        raise RunNotFoundError(f"no run named {name!r} in {ledger.url} (runs: {known}); see `ckptflow runs`")
+        where = mask_url(ledger.url)  # a team ledger's URL carries a password
+        raise RunNotFoundError(f"no run named {name!r} in {where} (runs: {known}); see `ckptflow runs`")
     return run

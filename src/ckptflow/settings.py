@@ -2,7 +2,9 @@
 
 Sources, highest first: explicit overrides (CLI options) → environment (`CKPTFLOW_`,
 nested with `__`) → `.env` → the TOML file given by `--config` → defaults. Field names
-follow HF `TrainingArguments` where one exists.
+follow HF `TrainingArguments` where one exists. A name no setting has is refused (see
+`config_sources`); relative paths in the TOML file resolve against the file's directory.
+Every message names the env var and TOML key to change.
 """
 
 from __future__ import annotations
@@ -10,18 +12,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
+    SettingsError,
 )
 
+from ckptflow import config_sources
 from ckptflow.errors import ConfigError
 from ckptflow.paths import CHECKPOINTS_DIR, EXPORTS_DIR, QUARANTINE_DIR, RUNS_DIR, contained, validate_run_name
 
@@ -30,8 +37,30 @@ ENV_NESTED_DELIMITER = "__"
 
 # Metrics that SFTTrainer's evaluation produces; anything else can never rank checkpoints.
 EVAL_METRICS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy")
+# Metric names (after `eval_`) whose direction is known: lower is better / higher is better.
+_LOWER_IS_BETTER = re.compile(r"(loss|perplexity|ppl)$")
+_HIGHER_IS_BETTER = re.compile(r"(accuracy|f1|bleu|rouge\w*|exact_match)$")
 
-_toml_file: ContextVar[Path | None] = ContextVar("ckptflow_toml_file", default=None)
+# Upper bounds that only catch typos: no real run comes near them.
+_MAX_COUNT = 2**31 - 1  # steps, limits, retries: 32-bit database ints (Prefect's retries); 2**31 steps take years
+_MAX_SEED = 2**32 - 1  # numpy's seed range (HF set_seed seeds numpy too)
+_MAX_WIDTH = 2**16  # LoRA rank/alpha: wider than any model layer; a rank can't exceed the layer width
+_MAX_BATCH = 2**16  # sequences per device per micro-batch
+_MAX_LENGTH = 2**24  # tokens per example: beyond the longest context of any released model
+_MAX_NPROC = 1024  # processes per node for torchrun
+_MAX_WAIT_SECONDS = 86_400.0  # a retry delay or drill pause longer than a day holds the flow (and lease) for a day
+
+# The TOML file's data (relative paths already resolved), the lowest-priority source of this load.
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("ckptflow_toml_data", default=None)
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+# inf and nan pass `gt=0`-style bounds (or compare false) and then break the LR schedule or a sleep.
+FiniteFloat = Annotated[float, AllowInfNan(False)]
+
+
+def setting_name(*loc: str) -> str:
+    """`("train", "max_steps")` → `CKPTFLOW_TRAIN__MAX_STEPS / `train.max_steps``: the env var and the TOML key."""
+    return f"{env_var_for(loc)} / `{'.'.join(loc)}`"
 
 
 class _Group(BaseModel):
@@ -41,66 +70,98 @@ class _Group(BaseModel):
 class ModelSettings(_Group):
     name_or_path: str = Field(
         "builtin:tiny-gpt2",
+        min_length=1,
         description="Base model: `builtin:tiny-gpt2`, a local directory, or a hub id already in the local HF cache.",
     )
-    lora_r: int = Field(8, gt=0, description="LoRA rank.")
-    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
-    lora_target_modules: list[str] | None = Field(
+    lora_r: int = Field(8, gt=0, le=_MAX_WIDTH, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, le=_MAX_WIDTH, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: FiniteFloat = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    lora_target_modules: list[NonEmptyStr] | None = Field(
         None, description="Module names to adapt; empty = PEFT's default for the architecture."
     )
-    max_length: int = Field(128, gt=0, description="Tokens per example after truncation.")
+    lora_modules_to_save: list[NonEmptyStr] | None = Field(
+        None,
+        description="PEFT modules_to_save: modules trained in full and saved with the adapter (e.g. ln_f); empty = none.",
+    )
+    max_length: int = Field(128, gt=0, le=_MAX_LENGTH, description="Tokens per example after truncation.")
 
 
 class DataSettings(_Group):
     train: str = Field(
         "builtin:demo",
+        min_length=1,
         description="Training data: `builtin:demo`, a .jsonl/.csv/.parquet file, or a saved HF dataset directory.",
     )
     eval: str = Field(
         "", description="Eval data, same forms; empty = the dataset's eval split, else `eval_fraction` of train."
     )
     text_field: str = Field("text", min_length=1, description="Column holding the training text.")
-    eval_fraction: float = Field(
+    eval_fraction: FiniteFloat = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train held out for eval when no eval data is given."
     )
 
 
 class TrainSettings(_Group):
-    epochs: float = Field(2, gt=0, description="HF num_train_epochs; ignored when max_steps > 0.")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 = derive from epochs.")
-    batch_size: int = Field(2, gt=0, description="HF per_device_train_batch_size (and eval).")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (linear decay).")
-    seed: int = Field(42, description="Seed for weights init of LoRA, data order and dropout.")
-    logging_steps: int = Field(1, gt=0, description="Log train loss every N steps.")
-    chunk_steps: int = Field(0, ge=0, description="Optimizer steps per Prefect task; 0 = auto (a few chunks).")
-    retries: int = Field(2, ge=0, description="Prefect retries per chunk; each resumes from the ledger.")
-    retry_delay_seconds: float = Field(5, ge=0, description="Seconds between retries of a chunk.")
+    epochs: FiniteFloat = Field(2, gt=0, description="HF num_train_epochs; ignored when max_steps > 0.")
+    max_steps: int = Field(-1, le=_MAX_COUNT, description="Total optimizer steps; -1 = derive from epochs.")
+    batch_size: int = Field(2, gt=0, le=_MAX_BATCH, description="HF per_device_train_batch_size (and eval).")
+    gradient_accumulation_steps: int = Field(1, gt=0, le=_MAX_COUNT, description="Micro-batches per optimizer step.")
+    learning_rate: FiniteFloat = Field(2e-4, gt=0, description="Peak learning rate (linear decay).")
+    seed: int = Field(42, ge=0, le=_MAX_SEED, description="Seed for weights init of LoRA, data order and dropout.")
+    logging_steps: int = Field(1, gt=0, le=_MAX_COUNT, description="Log train loss every N steps.")
+    chunk_steps: int = Field(
+        0, ge=0, le=_MAX_COUNT, description="Optimizer steps per Prefect task; 0 = auto (a few chunks)."
+    )
+    retries: int = Field(2, ge=0, le=_MAX_COUNT, description="Prefect retries per chunk; each resumes from the ledger.")
+    retry_delay_seconds: FiniteFloat = Field(
+        5, ge=0, le=_MAX_WAIT_SECONDS, description="Seconds between retries of a chunk."
+    )
     launcher: Literal["inprocess", "subprocess", "torchrun"] = Field(
         "inprocess", description="Where a chunk runs: this process, a child process, or torchrun (DDP)."
     )
-    nproc_per_node: int = Field(2, gt=0, description="Processes per node for launcher=torchrun.")
+    nproc_per_node: int = Field(2, gt=0, le=_MAX_NPROC, description="Processes per node for launcher=torchrun.")
+    report_to: str = Field(
+        "none",
+        description="HF TrainingArguments.report_to: `none`, or integrations separated by commas "
+        "(tensorboard, mlflow, wandb, ...); TensorBoard logs go to runs/<run>/tensorboard/.",
+    )
 
-    @model_validator(mode="after")
-    def _max_steps_valid(self) -> TrainSettings:
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError("max_steps must be a positive number of steps, or -1 to derive it from epochs")
-        return self
+    @field_validator("report_to")
+    @classmethod
+    def _known_integrations(cls, value: str) -> str:
+        names = report_to_list(value)
+        unknown = [n for n in names if n not in REPORT_INTEGRATIONS]
+        if unknown:
+            raise ValueError(f"unknown integration {', '.join(map(repr, unknown))}; HF knows {', '.join(REPORT_INTEGRATIONS)}")
+        return ",".join(names) or "none"
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps_valid(cls, value: int) -> int:
+        # A field validator (not a model one) so the error's location is `train.max_steps`.
+        if value == 0 or value < -1:
+            raise ValueError("must be a positive number of steps, or -1 to derive it from epochs")
+        return value
 
 
 class CheckpointSettings(_Group):
     save_strategy: Literal["steps", "epoch"] = Field("steps", description="When HF saves: every save_steps or every epoch.")
-    save_steps: int = Field(2, gt=0, description="Save every N optimizer steps (save_strategy=steps).")
+    save_steps: int = Field(2, gt=0, le=_MAX_COUNT, description="Save every N optimizer steps (save_strategy=steps).")
     eval_strategy: Literal["steps", "epoch", "no"] = Field("steps", description="When to evaluate; `no` disables metrics.")
-    eval_steps: int = Field(2, gt=0, description="Evaluate every N optimizer steps (eval_strategy=steps).")
-    save_total_limit: int | None = Field(2, gt=0, description="How many checkpoints retention keeps (plus protected ones).")
+    eval_steps: int = Field(
+        2, gt=0, le=_MAX_COUNT, description="Evaluate every N optimizer steps (eval_strategy=steps)."
+    )
+    save_total_limit: int | None = Field(
+        2, gt=0, le=_MAX_COUNT, description="How many checkpoints retention keeps (plus protected ones)."
+    )
     retention: Literal["best", "recent"] = Field(
         "best", description="`best`: keep the save_total_limit best by metric; `recent`: the most recent."
     )
-    metric_for_best_model: str = Field("eval_loss", description="Metric that ranks checkpoints.")
+    metric_for_best_model: str = Field("eval_loss", min_length=1, description="Metric that ranks checkpoints.")
     greater_is_better: bool = Field(False, description="Direction of metric_for_best_model.")
-    keep_every_steps: int | None = Field(None, gt=0, description="Also keep every checkpoint whose step is a multiple of this.")
+    keep_every_steps: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Also keep every checkpoint whose step is a multiple of this."
+    )
     max_total_bytes: int | None = Field(None, gt=0, description="Disk budget for all kept checkpoints of a run.")
     min_free_bytes: int | None = Field(
         None, ge=0, description="Refuse a save that would leave less free disk; empty = 64 MiB margin."
@@ -119,17 +180,25 @@ class CheckpointSettings(_Group):
 
 class ExportSettings(_Group):
     merge: bool = Field(True, description="Merge LoRA into the base weights; false = export the adapter only.")
-    promotion_margin: float = Field(
+    promotion_margin: FiniteFloat = Field(
         0.0, ge=0.0, description="retrain: challenger must beat the champion's metric by at least this much."
+    )
+    keep_challengers: int = Field(
+        3,
+        ge=0,
+        le=_MAX_COUNT,
+        description="retrain: challenger exports kept besides the champion and the previous champion; older ones are pruned.",
     )
 
 
 class FaultSettings(_Group):
     """Fault injection for tests and drills; off by default."""
 
-    at_step: int | None = Field(None, gt=0, description="Fail when training reaches this optimizer step.")
+    at_step: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Fail when training reaches this optimizer step."
+    )
     mode: Literal["raise", "kill"] = Field("raise", description="`raise` an exception, or SIGKILL the training process.")
-    times: int = Field(1, ge=0, description="Fail only the first N attempts that reach at_step.")
+    times: int = Field(1, ge=0, le=_MAX_COUNT, description="Fail only the first N attempts that reach at_step.")
     pause_at: (
         Literal[
             "step-end",
@@ -144,8 +213,29 @@ class FaultSettings(_Group):
         ]
         | None
     ) = Field(None, description="Sleep at this point (see ckptflow.faults) so a drill can watch the state and kill.")
-    pause_step: int | None = Field(None, gt=0, description="Pause only at this step; empty = the first time the point is reached.")
-    pause_seconds: float = Field(30.0, ge=0, description="How long a pause lasts (seconds).")
+    pause_step: int | None = Field(
+        None, gt=0, le=_MAX_COUNT, description="Pause only at this step; empty = the first time the point is reached."
+    )
+    pause_seconds: FiniteFloat = Field(
+        30.0, ge=0, le=_MAX_WAIT_SECONDS, description="How long a pause lasts (seconds)."
+    )
+
+
+# Integrations HF TrainingArguments.report_to accepts (transformers.integrations); "all" = every installed one.
+REPORT_INTEGRATIONS = (
+    "all", "azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "mlflow",
+    "neptune", "swanlab", "tensorboard", "trackio", "wandb",
+)  # fmt: skip
+
+
+def report_to_list(value: str) -> list[str]:
+    """`"tensorboard, mlflow"` → ["tensorboard", "mlflow"]; `none` or empty → []."""
+    names = [n.strip().lower() for n in value.split(",") if n.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+# Top-level settings that may hold credentials: never serialized (to_json), never echoed in errors.
+SECRET_FIELDS = ("ledger_url",)
 
 
 class Settings(BaseSettings):
@@ -162,7 +252,11 @@ class Settings(BaseSettings):
     )
 
     home: Path = Field(Path(".ckptflow"), description="Root for runs, exports, the data cache and the default ledger.")
-    ledger_url: str | None = Field(None, description="SQLAlchemy URL; empty = sqlite:///$CKPTFLOW_HOME/ledger.db.")
+    ledger_url: SecretStr | None = Field(
+        None,
+        description="SQLAlchemy URL; empty = sqlite:///$CKPTFLOW_HOME/ledger.db. A secret: it may carry a password, "
+        "so it is never written or shown in clear (see ckptflow.secrets).",
+    )
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
@@ -180,49 +274,32 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        toml_file = _toml_file.get()
-        if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        toml_data = _toml_data.get()
+        if toml_data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=toml_data))
         return tuple(sources)
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> Settings:
-        ck = self.checkpoint
-        if ck.retention == "best" and not ck.evaluates:
-            raise ValueError(
-                "retention=best ranks checkpoints by a metric, but evaluation is disabled: "
-                "set CKPTFLOW_CHECKPOINT__EVAL_STRATEGY=steps or CKPTFLOW_CHECKPOINT__RETENTION=recent"
-            )
-        if ck.evaluates and ck.metric_key not in EVAL_METRICS:
-            raise ValueError(
-                f"metric_for_best_model={ck.metric_for_best_model!r} is not produced by evaluation "
-                f"(it produces {', '.join(EVAL_METRICS)}): change CKPTFLOW_CHECKPOINT__METRIC_FOR_BEST_MODEL"
-            )
-        if (
-            ck.evaluates
-            and ck.save_strategy == "steps"
-            and ck.eval_strategy == "steps"
-            and ck.save_steps % ck.eval_steps != 0
-        ):
-            raise ValueError(
-                f"save_steps={ck.save_steps} is not a multiple of eval_steps={ck.eval_steps}, so saved checkpoints "
-                "would have no metric to rank them: change CKPTFLOW_CHECKPOINT__SAVE_STEPS or "
-                "CKPTFLOW_CHECKPOINT__EVAL_STEPS"
-            )
-        if ck.evaluates and ck.save_strategy != ck.eval_strategy:
-            raise ValueError(
-                f"save_strategy={ck.save_strategy} but eval_strategy={ck.eval_strategy}: checkpoints would have no "
-                "metric; make CKPTFLOW_CHECKPOINT__SAVE_STRATEGY and CKPTFLOW_CHECKPOINT__EVAL_STRATEGY equal"
-            )
+        problems = _contradictions(self)
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # -- derived values ------------------------------------------------------------
     @property
     def ledger(self) -> str:
         """The effective ledger URL."""
-        if self.ledger_url:
-            return self.ledger_url
+        if self.ledger_url is not None and self.ledger_url.get_secret_value():
+            return self.ledger_url.get_secret_value()
         return f"sqlite:///{(self.home / 'ledger.db').resolve()}"
+
+    @property
+    def ledger_shown(self) -> str:
+        """The effective ledger URL as it may be shown to people: its password masked."""
+        from ckptflow.secrets import mask_url
+
+        return mask_url(self.ledger) or ""
 
     # Every path below is built by paths.contained: it cannot leave the home, whatever the name.
     def run_dir(self, run_name: str) -> Path:
@@ -263,7 +340,7 @@ class Settings(BaseSettings):
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),
             "train": self.train.model_dump(
-                mode="json", exclude={"chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node"}
+                mode="json", exclude={"chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "report_to"}
             ),
             "checkpoint": self.checkpoint.model_dump(
                 mode="json", include={"save_strategy", "save_steps", "eval_strategy", "eval_steps"}
@@ -271,7 +348,64 @@ class Settings(BaseSettings):
         }
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Every setting as JSON, without the secret ones (SECRET_FIELDS): safe to record, log or send."""
+        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+
+
+def _metric_higher_is_better(metric_key: str) -> bool | None:
+    """True/False when the metric's name says its direction (`*_loss`, perplexity / accuracy, f1…), else None."""
+    name = metric_key.removeprefix("eval_")
+    if _LOWER_IS_BETTER.search(name):
+        return False
+    if _HIGHER_IS_BETTER.search(name):
+        return True
+    return None
+
+
+def _contradictions(s: Settings) -> list[str]:
+    """Settings that are valid one by one but cannot work together, each naming every variable involved."""
+    out: list[str] = []
+    ck, tr = s.checkpoint, s.train
+    metric = setting_name("checkpoint", "metric_for_best_model")
+    direction = setting_name("checkpoint", "greater_is_better")
+    if ck.retention == "best" and not ck.evaluates:
+        out.append(
+            "retention=best ranks checkpoints by a metric, but eval_strategy=no disables evaluation: "
+            f"set {setting_name('checkpoint', 'eval_strategy')} to steps, "
+            f"or {setting_name('checkpoint', 'retention')} to recent"
+        )
+    if ck.evaluates and ck.metric_key not in EVAL_METRICS:
+        out.append(
+            f"metric_for_best_model={ck.metric_for_best_model!r} is not produced by evaluation "
+            f"(it produces {', '.join(EVAL_METRICS)}): change {metric}"
+        )
+    higher = _metric_higher_is_better(ck.metric_key)
+    if higher is not None and higher != ck.greater_is_better:
+        better = "higher" if higher else "lower"
+        out.append(
+            f"metric_for_best_model={ck.metric_for_best_model!r} is better when {better}, but "
+            f"greater_is_better={str(ck.greater_is_better).lower()} would rank the worst checkpoint as best: "
+            f"set {direction} to {str(higher).lower()}, or change {metric}"
+        )
+    if ck.evaluates and ck.save_strategy == "steps" == ck.eval_strategy and ck.save_steps % ck.eval_steps != 0:
+        out.append(
+            f"save_steps={ck.save_steps} is not a multiple of eval_steps={ck.eval_steps}, so saved checkpoints "
+            f"would have no metric to rank them: change {setting_name('checkpoint', 'save_steps')} or "
+            f"{setting_name('checkpoint', 'eval_steps')}"
+        )
+    if ck.evaluates and ck.save_strategy != ck.eval_strategy:
+        out.append(
+            f"save_strategy={ck.save_strategy} but eval_strategy={ck.eval_strategy}: checkpoints would have no "
+            f"metric; make {setting_name('checkpoint', 'save_strategy')} and "
+            f"{setting_name('checkpoint', 'eval_strategy')} equal"
+        )
+    if tr.max_steps > 0 and tr.logging_steps > tr.max_steps:
+        out.append(
+            f"logging_steps={tr.logging_steps} is more than max_steps={tr.max_steps}, so no training loss would "
+            f"ever be logged: lower {setting_name('train', 'logging_steps')} "
+            f"or raise {setting_name('train', 'max_steps')}"
+        )
+    return out
 
 
 def env_var_for(loc: tuple[Any, ...]) -> str:
@@ -280,43 +414,135 @@ def env_var_for(loc: tuple[Any, ...]) -> str:
     return ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts)
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line per problem, each naming the env var (and TOML key) to change."""
+# Where a setting's value came from: dotted key → `environment`, `/abs/.env:3`, `/abs/c.toml:7`, ...
+Origins = Callable[[tuple[str, ...]], "str | None"]
+# Settings whose values are never echoed in messages (a URL may carry a password).
+_SECRET_SETTINGS = {(name,) for name in SECRET_FIELDS}
+_MENTIONED_KEY = re.compile(r"`([a-z_]+(?:\.[a-z_]+)?)`")
+
+
+def describe_validation_error(exc: ValidationError, origins: Origins | None = None) -> str:
+    """One line per problem, each naming the env var and TOML key to change (and where the value came from)."""
+    origins = origins or (lambda loc: None)
     lines = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if isinstance(p, str))
         msg = err["msg"].removeprefix("Value error, ")
-        if loc:
-            key = ".".join(loc)
-            lines.append(f"{key}: {msg} (got {err.get('input')!r}); change {env_var_for(loc)} or `{key}` in the config file")
-        else:
-            lines.append(msg)
+        if not loc:  # a cross-field rule: its message names every setting involved
+            lines.append(msg + _origins_of_mentioned(msg, origins))
+            continue
+        where = origins(loc)
+        source = f" (from {where})" if where else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"`{'.'.join(loc)}`{source} is not a setting: remove it (.env.example lists every setting)")
+            continue
+        value = "" if loc in _SECRET_SETTINGS else f" = {err.get('input')!r}"
+        lines.append(f"{'.'.join(loc)}{value}{source}: {msg}; change {setting_name(*loc)}")
     return "\n".join(lines)
+
+
+def _origins_of_mentioned(msg: str, origins: Origins) -> str:
+    found = []
+    for key in dict.fromkeys(_MENTIONED_KEY.findall(msg)):
+        where = origins(tuple(key.split(".")))
+        if where:
+            found.append(f"`{key}` from {where}")
+    return f" [{'; '.join(found)}]" if found else ""
+
+
+def _schema() -> config_sources.Schema:
+    """Top-level setting → its group's field names (None for a plain setting)."""
+    out: dict[str, frozenset[str] | None] = {}
+    for name, info in Settings.model_fields.items():
+        sub = getattr(info.annotation, "model_fields", None)
+        out[name] = frozenset(sub) if sub else None
+    return out
+
+
+def _nested_keys(data: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    if not isinstance(data, dict) or len(prefix) >= 2:
+        return [prefix] if prefix else []
+    return [k for key, value in data.items() for k in _nested_keys(value, (*prefix, str(key).lower()))] or [prefix]
+
+
+def _origins(
+    overrides: dict[str, Any], variables: list[config_sources.Variable], toml: config_sources.TomlConfig | None
+) -> Origins:
+    """Where each setting was set, highest-priority source first (as pydantic-settings merges them)."""
+    found: dict[tuple[str, ...], str] = {}
+    for key in _nested_keys(overrides):
+        found.setdefault(key, "an override (CLI option or flow parameter)")
+    for var in variables:  # environment first, then .env
+        setting = config_sources.variable_setting(var.name, _schema(), ENV_PREFIX, ENV_NESTED_DELIMITER)
+        if setting and var.value:
+            found.setdefault(setting, f"{var.name} in {var.where}" if var.where == "environment" else var.where)
+    if toml is not None:
+        for key in _nested_keys(toml.data):
+            found.setdefault(key, toml.where(*key))
+
+    def lookup(loc: tuple[str, ...]) -> str | None:
+        return found.get(loc) or found.get(loc[:1])
+
+    return lookup
 
 
 def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
     """Build settings from all sources; raise ConfigError (exit 2) with a readable message.
 
-    `overrides` are the highest-priority values (CLI options), nested as dicts:
-    `load_settings(train={"max_steps": 10})`.
+    `overrides` are the highest-priority values (CLI options, flow parameters), nested as
+    dicts: `load_settings(train={"max_steps": 10})`. Every name any source sets must be a
+    setting: unknown TOML sections/keys and CKPTFLOW_* variables are refused with where they
+    were set and the nearest valid name. Relative paths in the TOML file resolve against
+    the file's directory; values from the environment and `.env` against the working directory.
     """
-    path = Path(config_file) if config_file else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist: pass an existing TOML file to --config")
-    token = _toml_file.set(path)
+    schema = _schema()
+    toml = config_sources.read_toml(Path(config_file)) if config_file else None
+    env_file = Path(Settings.model_config["env_file"])
+    variables = config_sources.env_variables(os.environ, ENV_PREFIX) + config_sources.dotenv_variables(
+        env_file, ENV_PREFIX
+    )
+    problems = config_sources.override_names(overrides, schema)
+    problems += config_sources.unknown_variable_names(variables, schema, ENV_PREFIX, ENV_NESTED_DELIMITER)
+    if toml is not None:
+        problems += config_sources.unknown_toml_names(toml, schema)
+    if problems:
+        raise ConfigError("unknown settings:\n" + "\n".join(problems))
+    token = _toml_data.set(config_sources.resolve_toml_paths(toml, schema) if toml is not None else None)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError("invalid settings:\n" + describe_validation_error(exc)) from None
-    except ValueError as exc:  # TOML syntax errors surface as ValueError subclasses
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+        origins = _origins(overrides, variables, toml)
+        raise ConfigError("invalid settings:\n" + describe_validation_error(exc, origins)) from None
+    except SettingsError as exc:  # a group set as one variable (CKPTFLOW_TRAIN) whose value is not JSON
+        raise ConfigError(_undecodable_variable(exc)) from None
     finally:
-        _toml_file.reset(token)
+        _toml_data.reset(token)
+
+
+def _undecodable_variable(exc: SettingsError) -> str:
+    m = re.search(r'field "(\w+)" from source "(\w+)"', str(exc))
+    group, source = (m[1], m[2]) if m else ("train", "")
+    where = "in .env" if "DotEnv" in source else "in the environment"
+    return (
+        f"{env_var_for((group,))} {where} is not valid JSON ({exc.__cause__ or exc}): a group set as one variable "
+        f"takes a JSON object, e.g. {env_var_for((group,))}='{{\"{min(_schema()[group] or ['x'])}\": …}}'; "
+        f"or set its fields one by one ({env_var_for((group, 'FIELD'))}=…)"
+    )
 
 
 def settings_from_json(config: dict[str, Any]) -> Settings:
-    """Rebuild the exact settings recorded in the ledger (no env, no files)."""
-    return Settings.model_validate(config)
+    """Rebuild the exact settings recorded in the ledger (no env, no files).
+
+    Raises ConfigError when a recorded config no longer passes today's validation.
+    """
+    try:
+        return Settings.model_validate(config)
+    except ValidationError as exc:
+        raise ConfigError(
+            "the settings recorded for this run no longer pass validation:\n"
+            + describe_validation_error(exc)
+            + "\nstart a new run (--new) with valid settings"
+        ) from None
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int) -> int:

@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptflow.errors import InsufficientDiskError
-from ckptflow.settings import Settings
+from ckptflow.logline import StepRate, format_log_line
+from ckptflow.settings import Settings, report_to_list
 
 # Margin kept free on disk when min_free_bytes is not set.
 DEFAULT_MIN_FREE_BYTES = 64 * 2**20
@@ -51,16 +52,32 @@ def metrics_at_step(log_history: list[dict[str, Any]], step: int) -> dict[str, f
     return out
 
 
-class ChunkStopCallback(TrainerCallback):
-    """Stop at the chunk's last step and force a save there (the next chunk's resume point)."""
+class ScheduleCallback(TrainerCallback):
+    """Save and evaluate exactly at the run's schedule (planning.schedule_for, what `ckptflow plan`
+    prints), and stop at the chunk's last step, which is a save point (the next chunk's resume point).
 
-    def __init__(self, end_step: int) -> None:
+    Runs after HF's DefaultFlowCallback and has the last word: on its own, after a chunk stop HF
+    runs `on_epoch_end`, which under save_strategy=epoch saves the chunk end a second time and
+    evaluates it — an evaluation that draws from the RNG, so the weights would depend on chunk_steps.
+    """
+
+    def __init__(self, save_points: Collection[int], eval_points: Collection[int], end_step: int) -> None:
+        if end_step not in save_points:
+            raise ValueError(f"chunk end {end_step} is not a save point of the run's schedule")
+        self.save_points = frozenset(save_points)
+        self.eval_points = frozenset(eval_points)
         self.end_step = end_step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        control.should_save = state.global_step in self.save_points
+        control.should_evaluate = state.global_step in self.eval_points
         if state.global_step >= self.end_step:
-            control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        # Decided for this step at its on_step_end already (an epoch ends on an optimizer step).
+        control.should_save = control.should_evaluate = False
         return control
 
 
@@ -139,15 +156,24 @@ class CommitCallback(TrainerCallback):
 
 
 class LogCallback(TrainerCallback):
-    """HF's logs (loss, eval_loss, lr) into ckptflow's logger instead of print() on stdout."""
+    """HF's logs as one readable line each (ckptflow.logline) in ckptflow's logger, instead of print() of a dict.
+
+    Full-precision values stay in trainer_state.json, the ledger and --json outputs.
+    """
 
     def __init__(self, logger: Any) -> None:
         self.logger = logger
+        self.rate = StepRate()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.rate.observe(state.global_step)
+        return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
         if logs:
-            shown = {k: round(v, 6) if isinstance(v, float) else v for k, v in logs.items() if "runtime" not in k}
-            self.logger.info("step %d: %s", state.global_step, shown)
+            line = format_log_line(state.global_step, state.max_steps, logs, self.rate.rate())
+            if line is not None:
+                self.logger.info("%s", line)
         return control
 
 
@@ -176,6 +202,12 @@ class TrainerSpec:
     settings: Settings
 
 
+# HF's TensorBoard callback reads its log directory from this variable (else a dir inside output_dir).
+TENSORBOARD_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
+# Under the run's directory: one TensorBoard log dir for every chunk of the run.
+TENSORBOARD_DIR = "tensorboard"
+
+
 def sft_config(spec: TrainerSpec):
     """SFTConfig for a chunk: HF saves/evaluates on schedule, keeps everything, never picks a checkpoint."""
     from trl import SFTConfig
@@ -199,7 +231,7 @@ def sft_config(spec: TrainerSpec):
         save_total_limit=None,  # retention is ckptflow's (HF keeps the most *recent*, not the best)
         load_best_model_at_end=False,
         max_length=s.model.max_length,
-        report_to=[],
+        report_to=report_to_list(s.train.report_to) or "none",
         disable_tqdm=True,
         bf16=False,
         fp16=False,

@@ -16,6 +16,7 @@ from pathlib import Path
 from ckptflow.chunks import AttemptPlan, ChunkJob, train_attempt
 from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.quiet import quiet_libraries
+from ckptflow.secrets import install_redaction
 
 # Exit codes the parent maps back to exceptions (anything else non-zero is a retryable crash).
 EXIT_BAD_INPUT = 2
@@ -64,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, stream=sys.stdout, format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(name)s: %(message)s"
     )
     quiet_libraries()
+    install_redaction()  # the ledger URL arrives in the environment (ChunkJob.child_env)
     try:
-        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))
+        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))  # ledger URL: env
     except InsufficientDiskError as exc:
         _report(exc)
         return EXIT_DISK_FULL

@@ -138,3 +138,54 @@ def test_flow_run_page_checkpoint_table_and_loss_curve_render(server, drill_run,
             _save(page, tmp_path, "summary-artifact")
         finally:
             browser.close()
+
+
+def test_progress_advances_within_a_chunk(server, tmp_path):
+    """One 12-step chunk saving every 2 steps: the progress artifact shows several values below 100% while the
+    chunk trains (a drill pause at step 7 holds the chunk open), then 100%."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    api_url, env = server
+    run = "live"
+    run_env = {
+        **env,
+        "CKPTFLOW_HOME": str(tmp_path / "home"),
+        "CKPTFLOW_DATA__TRAIN": "builtin:demo-large",
+        "CKPTFLOW_TRAIN__MAX_STEPS": "12",
+        "CKPTFLOW_TRAIN__CHUNK_STEPS": "12",
+        "CKPTFLOW_FAULT__PAUSE_AT": "step-end",
+        "CKPTFLOW_FAULT__PAUSE_STEP": "7",
+        "CKPTFLOW_FAULT__PAUSE_SECONDS": "4",
+    }
+    seen: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        only_progress = ArtifactFilter(key=ArtifactFilterKey(any_=[f"{run}-progress"]))
+        with SyncPrefectClient(api_url) as client:
+            while not done.is_set():
+                for artifact in client.read_artifacts(artifact_filter=only_progress):
+                    value = float(artifact.data)
+                    if not seen or seen[-1] != value:
+                        seen.append(value)
+                time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ckptflow.cli", "run", "--run-name", run],
+            cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+        )
+    finally:
+        time.sleep(1)
+        done.set()
+        watcher.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    within_chunk = [v for v in seen if 0 < v < 100]
+    assert len(within_chunk) >= 2, f"progress values seen: {seen}"
+    assert within_chunk == sorted(within_chunk) and seen[-1] == 100.0, seen

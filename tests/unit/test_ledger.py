@@ -12,14 +12,17 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, insert, text, update
+from sqlalchemy.exc import IntegrityError
 
-from ckptflow.errors import RunLockedError
+from ckptflow.errors import LeaseLostError, RunLockedError
 from ckptflow.ledger import (
     AttemptStatus,
     CheckpointState,
+    Fence,
     Ledger,
     RunStatus,
     head_revision,
+    holding,
 )
 from ckptflow.ledger.models import Base, Checkpoint, Lease, Run
 
@@ -49,7 +52,7 @@ def _aware_utc(ts: datetime) -> bool:
 # -- schema / engine --------------------------------------------------------------------
 def test_open_creates_parent_dir_and_migrates_to_head(ledger, tmp_path):
     assert (tmp_path / "nested" / "dir" / "ledger.db").is_file()
-    assert head_revision() == "0001"
+    assert head_revision() == "0004"
     assert ledger.current_revision() == head_revision()
 
 
@@ -273,6 +276,173 @@ def test_stale_heartbeat_is_taken_over(ledger):
         ledger.acquire_lease(run.id, "me", ttl_seconds=300)
     ledger.acquire_lease(run.id, "me", ttl_seconds=60)
     assert ledger.lease_holder(run.id) == "me"
+
+
+# -- portable paths -------------------------------------------------------------------------
+def _raw_paths(url: str, table: str) -> list[str]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = [r[0] for r in conn.execute(text(f"SELECT path FROM {table} ORDER BY id"))]
+    engine.dispose()
+    return rows
+
+
+def test_paths_inside_the_home_are_stored_relative_and_read_absolute(tmp_path):
+    home = tmp_path / "home"
+    url = f"sqlite:///{home / 'ledger.db'}"
+    with Ledger(url) as led:  # home = the SQLite file's directory
+        run = _run(led)
+        inside = home / "runs" / "run-a" / "checkpoints" / "checkpoint-2"
+        ck = led.begin_checkpoint(run.id, 2, str(inside))
+        led.record_export(run.id, checkpoint_id=ck.id, path=str(home / "exports" / "run-a"), merged=True, metrics={})
+        led.record_export(run.id, checkpoint_id=ck.id, path=str(tmp_path / "elsewhere"), merged=True, metrics={})
+        assert led.get_checkpoint(run.id, 2).path == str(inside)
+        assert [e.path for e in led.exports(run.id)] == [str(home / "exports" / "run-a"), str(tmp_path / "elsewhere")]
+    assert _raw_paths(url, "checkpoints") == ["runs/run-a/checkpoints/checkpoint-2"]
+    assert _raw_paths(url, "exports") == ["exports/run-a", str(tmp_path / "elsewhere")]  # outside: stays absolute
+
+
+def test_rows_follow_the_home_they_are_opened_with(tmp_path):
+    """A ledger elsewhere than its home (CKPTFLOW_LEDGER_URL): paths are relative to the home given."""
+    url = f"sqlite:///{tmp_path / 'db' / 'ledger.db'}"
+    with Ledger(url, home=tmp_path / "old") as led:
+        run = _run(led)
+        led.begin_checkpoint(run.id, 4, str(tmp_path / "old" / "runs" / "r" / "checkpoints" / "checkpoint-4"))
+    with Ledger(url, home=tmp_path / "new") as led:
+        assert led.get_checkpoint(run.id, 4).path == str(tmp_path / "new" / "runs" / "r" / "checkpoints" / "checkpoint-4")
+
+
+# -- fencing --------------------------------------------------------------------------------
+def test_every_acquisition_increments_the_token(ledger):
+    run = _run(ledger)
+    tokens = [ledger.take_lease(run.id, "a").fence.token]
+    tokens.append(ledger.take_lease(run.id, "a").fence.token)  # own lease again: a new acquisition
+    ledger.release_lease(run.id, "a")
+    tokens.append(ledger.take_lease(run.id, "b").fence.token)  # after a release the token keeps growing
+    assert tokens == [1, 2, 3]
+
+
+def _stale_fence(ledger, run) -> Fence:
+    """A fence whose lease another holder has since taken over (its heartbeat aged past the TTL)."""
+    old = ledger.take_lease(run.id, "old").fence
+    ledger.take_lease(run.id, "new", ttl_seconds=0)  # "old" has not heartbeat for > 0 s: taken over
+    return old
+
+
+FENCED_WRITES = {
+    "begin_checkpoint": lambda led, run, f: led.begin_checkpoint(run.id, 6, "/x/checkpoint-6", fence=f),
+    "commit_checkpoint": lambda led, run, f: led.commit_checkpoint(
+        run.id, 2, epoch=None, metrics={}, bytes=1, manifest_sha256="s", fence=f
+    ),
+    "mark_checkpoint (prune)": lambda led, run, f: led.mark_checkpoint(run.id, 2, CheckpointState.PRUNED, "p", fence=f),
+    "record_export": lambda led, run, f: led.record_export(
+        run.id, checkpoint_id=led.get_checkpoint(run.id, 2).id, path="/e", merged=True, metrics={}, fence=f
+    ),
+    "set_run_status": lambda led, run, f: led.set_run_status(run.id, RunStatus.COMPLETED, fence=f),
+    "update_run_metrics": lambda led, run, f: led.update_run_metrics(run.id, {"x": 1}, fence=f),
+    "start_attempt": lambda led, run, f: led.start_attempt(
+        run.id, chunk=0, start_step=0, end_step=2, resumed_from_step=None, fence=f
+    ),
+    "abandon_attempts": lambda led, run, f: led.abandon_attempts(run.id, "x", fence=f),
+}
+
+
+def _dump(url: str) -> list[tuple]:
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        rows = [
+            tuple(r)
+            for t in ("runs", "checkpoints", "attempts", "exports")
+            for r in conn.execute(text(f"SELECT * FROM {t} ORDER BY id"))
+        ]
+    engine.dispose()
+    return rows
+
+
+@pytest.mark.parametrize("write", list(FENCED_WRITES), ids=list(FENCED_WRITES))
+def test_a_holder_whose_lease_was_taken_over_cannot_write(ledger, url, write):
+    run = _run(ledger)
+    ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")
+    ledger.start_attempt(run.id, chunk=0, start_step=0, end_step=2, resumed_from_step=None)
+    stale = _stale_fence(ledger, run)
+    before = _dump(url)
+    with pytest.raises(LeaseLostError, match="lost the lease"):
+        FENCED_WRITES[write](ledger, run, stale)
+    assert _dump(url) == before  # refused in the same transaction: nothing written
+    current = ledger.current_fence(run.id, "new")
+    FENCED_WRITES[write](ledger, run, current)  # the new holder writes fine
+
+
+def test_the_fence_this_process_holds_applies_to_every_write(ledger):
+    run = _run(ledger)
+    stale = _stale_fence(ledger, run)
+    with holding(ledger.url, stale), pytest.raises(LeaseLostError):
+        ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")  # no fence= argument: the held one counts
+    ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")  # outside: an unfenced writer (no lease in use)
+
+
+def test_heartbeat_with_an_old_token_fails_even_for_the_same_holder(ledger):
+    run = _run(ledger)
+    first = ledger.take_lease(run.id, "me").fence
+    ledger.take_lease(run.id, "me")
+    with pytest.raises(LeaseLostError):
+        ledger.heartbeat(run.id, "me", token=first.token)
+
+
+def _age_heartbeat(url: str, run_id: int, seconds: float) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(update(Lease).where(Lease.run_id == run_id).values(heartbeat_at=datetime.now(UTC) - timedelta(seconds=seconds)))
+    engine.dispose()
+
+
+def _contend(url: str, run_id: int, holder: str, start, done, results) -> None:
+    led = Ledger(url)
+    start.wait()
+    try:
+        results.put((holder, led.take_lease(run_id, holder).fence.token))
+    except RunLockedError:
+        results.put((holder, None))
+    finally:
+        led.close()
+    done.wait()  # stay alive until every contender tried: a winner whose pid is gone may be taken over
+
+
+@pytest.mark.slow
+def test_processes_taking_over_one_stale_lease_at_once_have_exactly_one_winner(ledger, url):
+    """Not timing: whoever wins the compare-and-swap owns token n+1; the others then see a live holder."""
+    run = _run(ledger)
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(5):
+        stale_token = ledger.take_lease(run.id, "stale", ttl_seconds=0).fence.token
+        _age_heartbeat(url, run.id, seconds=3600)  # "stale" stopped heartbeating an hour ago
+        start, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=_contend, args=(url, run.id, f"p{i}", start, done, results)) for i in range(6)]
+        for p in procs:
+            p.start()
+        start.set()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
+        winners = [(h, t) for h, t in outcomes if t is not None]
+        assert len(winners) == 1, (trial, outcomes)
+        assert winners[0][1] == stale_token + 1 and ledger.lease_holder(run.id) == winners[0][0]
+
+
+def test_promotion_leaves_exactly_one_promoted_export(ledger):
+    run = _run(ledger)
+    ck = ledger.commit_checkpoint(run.id, 4, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/c/checkpoint-4")
+    ids = [ledger.record_export(run.id, checkpoint_id=ck.id, path=f"/e/{i}", merged=True, metrics={}).id for i in range(3)]
+    ledger.set_promoted(ids[0], True)
+    with pytest.raises(IntegrityError):  # two champions: refused by the schema itself
+        ledger.set_promoted(ids[1], True)
+    for winner in (ids[2], ids[0], ids[0]):
+        ledger.promote_export(winner)
+        assert [e.id for e in ledger.exports() if e.promoted] == [winner]
+    with pytest.raises(KeyError):
+        ledger.promote_export(999)
+    assert [e.id for e in ledger.exports() if e.promoted] == [ids[0]]
 
 
 # -- concurrency ----------------------------------------------------------------------------

@@ -61,3 +61,40 @@ def test_log_records_are_redacted_in_every_handler(caplog, monkeypatch):
     assert "leaky-secret-42" not in caplog.text
     assert MASK in caplog.text
     registry._values.discard("leaky-secret-42")
+
+
+TEAM_URL = "postgresql+psycopg://ck:team-Pass-4411@db.example/ckptflow"
+
+
+def test_the_ledger_url_is_a_secret_setting(home, monkeypatch):
+    from ckptflow.settings import load_settings
+
+    monkeypatch.setenv("CKPTFLOW_LEDGER_URL", TEAM_URL)
+    settings = load_settings()
+    assert settings.ledger == TEAM_URL  # usable
+    assert settings.ledger_shown == "postgresql+psycopg://ck:***@db.example/ckptflow"  # shown masked
+    assert "team-Pass-4411" not in repr(settings) + str(settings.to_json()) + str(settings.fingerprint_inputs())
+    assert "ledger_url" not in settings.to_json()
+
+
+def test_an_invalid_secret_setting_is_not_echoed(home, tmp_path):
+    from ckptflow.errors import ConfigError
+    from ckptflow.settings import load_settings
+
+    (tmp_path / "c.toml").write_text('ledger_url = ["team-Pass-4411"]\n')
+    with pytest.raises(ConfigError) as refused:
+        load_settings(tmp_path / "c.toml")
+    assert "ledger_url" in str(refused.value) and "team-Pass-4411" not in str(refused.value)
+
+
+def test_a_chunk_job_file_never_holds_the_ledger_url(home, monkeypatch):
+    from ckptflow.chunks import ChunkJob
+    from ckptflow.planning import Chunk
+    from ckptflow.settings import load_settings
+
+    monkeypatch.setenv("CKPTFLOW_LEDGER_URL", TEAM_URL)
+    job = ChunkJob.for_chunk(load_settings(), "r", Chunk(0, 0, 2))
+    written = job.to_json()
+    assert "team-Pass-4411" not in written
+    assert ChunkJob.from_json(written, **{"ledger_url": None}) == job  # the child reads it from its environment
+    assert job.child_env() == {"CKPTFLOW_LEDGER_URL": TEAM_URL}

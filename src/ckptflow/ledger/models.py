@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -139,7 +140,17 @@ class Attempt(Base):
 
 class Export(Base):
     __tablename__ = "exports"
-    __table_args__ = (Index("ix_exports_run_id", "run_id"),)
+    __table_args__ = (
+        Index("ix_exports_run_id", "run_id"),
+        # At most one champion, enforced by the database (partial unique index, SQLite and PostgreSQL).
+        Index(
+            "uq_exports_one_promoted",
+            "promoted",
+            unique=True,
+            sqlite_where=text("promoted"),
+            postgresql_where=text("promoted"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -149,10 +160,19 @@ class Export(Base):
     metrics: Mapped[dict[str, Any]]
     promoted: Mapped[bool]
     created_at: Mapped[datetime]
+    # When it last became champion by winning a retrain (a rollback does not change it): orders champions.
+    promoted_at: Mapped[datetime | None]
+    # When export retention deleted its files, and why (the row stays: the history of every decision).
+    pruned_at: Mapped[datetime | None]
+    pruned_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Lease(Base):
-    """At most one writer per run: who holds it, where, and when it last proved it is alive."""
+    """At most one writer per run: who holds it, where, and when it last proved it is alive.
+
+    `token` grows by one on every acquisition and is never reset (a released lease keeps its
+    row, with holder ''): a write fenced by (holder, token) is refused once anyone took over.
+    """
 
     __tablename__ = "leases"
 
@@ -162,3 +182,4 @@ class Lease(Base):
     pid: Mapped[int] = mapped_column(Integer)
     acquired_at: Mapped[datetime]
     heartbeat_at: Mapped[datetime]
+    token: Mapped[int] = mapped_column(BigInteger, server_default="0")

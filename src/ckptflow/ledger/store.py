@@ -12,32 +12,44 @@ objects), so callers hold no session and no lock between calls. On SQLite:
 
 The schema comes only from the Alembic migrations shipped in this package; opening a
 `Ledger` upgrades the database to head.
+
+Paths under the ledger's home (`CKPTFLOW_HOME`) are stored relative to it and returned
+absolute against the home of *this* `Ledger`, so a moved or copied home keeps working;
+paths outside the home (an export to an explicit `--out`) are stored absolute.
+
+Leases are fenced: every acquisition increments the lease's `token`, and a write made on
+behalf of a holder (a `Fence`: run, holder, token) first updates the lease row `WHERE
+holder = ? AND token = ?` in the same transaction. Once another process took the lease
+over, that matches no row and the write is refused (LeaseLostError); on PostgreSQL the
+row lock it takes also makes a concurrent take-over wait for the write's commit.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import itertools
 import os
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from ckptflow.errors import LedgerError, RunLockedError
+from ckptflow.errors import LeaseLostError, LedgerError, RunLockedError
+from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
+from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -64,6 +76,10 @@ _MIGRATE_RETRIES = 10
 LEASE_TTL_SECONDS = 60.0
 # Holders heartbeat this often: a third of the TTL or less, so one late beat never loses the lease.
 LEASE_HEARTBEAT_SECONDS = LEASE_TTL_SECONDS / 4
+# Holder of a released lease (the row stays, so its token keeps growing).
+_NO_HOLDER = ""
+# Rounds of read → compare-and-swap before take_lease gives up on a contended lease.
+_LEASE_CAS_ROUNDS = 20
 
 
 # -- records ---------------------------------------------------------------------------
@@ -127,6 +143,9 @@ class ExportRecord:
     metrics: dict[str, Any]
     promoted: bool
     created_at: datetime
+    promoted_at: datetime | None = None
+    pruned_at: datetime | None = None
+    pruned_reason: str | None = None
 
 
 def _run_record(r: Run) -> RunRecord:
@@ -144,13 +163,13 @@ def _run_record(r: Run) -> RunRecord:
     )
 
 
-def _ckpt_record(c: Checkpoint) -> CheckpointRecord:
+def _ckpt_record(c: Checkpoint, absolute: Callable[[str], str]) -> CheckpointRecord:
     return CheckpointRecord(
         id=c.id,
         run_id=c.run_id,
         step=c.step,
         epoch=c.epoch,
-        path=c.path,
+        path=absolute(c.path),
         state=CheckpointState(c.state),
         metrics=dict(c.metrics or {}),
         bytes=c.bytes,
@@ -181,17 +200,20 @@ def _attempt_record(a: Attempt) -> AttemptRecord:
     )
 
 
-def _export_record(e: Export, step: int) -> ExportRecord:
+def _export_record(e: Export, step: int, absolute: Callable[[str], str]) -> ExportRecord:
     return ExportRecord(
         id=e.id,
         run_id=e.run_id,
         checkpoint_id=e.checkpoint_id,
         step=step,
-        path=e.path,
+        path=absolute(e.path),
         merged=bool(e.merged),
         metrics=dict(e.metrics or {}),
         promoted=bool(e.promoted),
         created_at=e.created_at,
+        promoted_at=e.promoted_at,
+        pruned_at=e.pruned_at,
+        pruned_reason=e.pruned_reason,
     )
 
 
@@ -337,7 +359,7 @@ def _safe_url(url: str) -> str:
 class Ledger:
     """The SQL ledger. Open with any SQLAlchemy URL; the schema is migrated to head on open."""
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+    def __init__(self, url: str, *, home: Path | str | None = None, readonly: bool = False) -> None:
         """Open the ledger; a writer migrates it to head, a `readonly` one only checks the schema.
 
         Read-only opens write nothing (no file, no directory, no migration, no journal-mode
@@ -346,6 +368,7 @@ class Ledger:
         self.url = url
         self.readonly = readonly
         self._sqlite_path = _sqlite_file(url)
+        self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
         self._engine = make_engine(url, readonly=readonly)
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
         self._read = sessionmaker(self._engine, expire_on_commit=False)
@@ -360,7 +383,9 @@ class Ledger:
             raise
 
     def __repr__(self) -> str:
-        return f"Ledger({self.url!r})"
+        from ckptflow.secrets import mask_url
+
+        return f"Ledger({mask_url(self.url)!r})"
 
     def __enter__(self) -> Ledger:
         return self
@@ -398,6 +423,46 @@ class Ledger:
                     if i == _MIGRATE_RETRIES - 1 or not transient:
                         raise
                     time.sleep(0.1 * (i + 1))
+
+    # -- paths -----------------------------------------------------------------------
+    def _stored(self, path: str | Path) -> str:
+        """How a path is stored: relative to the home (POSIX) when inside it, else absolute."""
+        if self.home is None:
+            return str(path)
+        resolved = _resolved(Path(path))
+        if resolved == self.home or not resolved.is_relative_to(self.home):
+            return str(resolved)
+        return resolved.relative_to(self.home).as_posix()
+
+    def _absolute(self, stored: str) -> str:
+        """A stored path as an absolute path under the current home (absolute ones as they are)."""
+        if self.home is None or Path(stored).is_absolute():
+            return stored
+        return str(self.home.joinpath(*PurePosixPath(stored).parts))
+
+    # -- fencing ---------------------------------------------------------------------
+    def _fence_check(self, s: Session, run_id: int, fence: Fence | None) -> None:
+        """Refuse the write unless `fence` (default: the one this process holds on the run) still holds the lease.
+
+        An UPDATE, not a SELECT: on PostgreSQL it locks the lease row until this transaction
+        commits, so a take-over cannot slip in between the check and the write; on SQLite
+        the transaction already holds the database's write lock (BEGIN IMMEDIATE).
+        """
+        fence = fence or held_fence(self.url, run_id)
+        if fence is None:
+            return
+        if fence.run_id != run_id:
+            raise ValueError(f"fence of run {fence.run_id} used for a write to run {run_id}")
+        res = s.execute(
+            update(Lease)
+            .where(Lease.run_id == run_id, Lease.holder == fence.holder, Lease.token == fence.token)
+            .values(heartbeat_at=utcnow())
+        )
+        if res.rowcount != 1:
+            raise LeaseLostError(
+                f"{fence.holder} lost the lease of run {run_id} (token {fence.token}): another process took it "
+                "over, so this write was refused; the process that holds the lease now continues the run"
+            )
 
     # -- runs ------------------------------------------------------------------------
     def create_run(
@@ -440,16 +505,18 @@ class Ledger:
             rows = s.scalars(select(Run).order_by(Run.created_at.desc(), Run.id.desc()))
             return [_run_record(r) for r in rows]
 
-    def set_run_status(self, run_id: int, status: RunStatus | str) -> None:
+    def set_run_status(self, run_id: int, status: RunStatus | str, *, fence: Fence | None = None) -> None:
         status = RunStatus(status)
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             run = self._run(s, run_id)
             run.status = status.value
             run.updated_at = utcnow()
 
-    def update_run_metrics(self, run_id: int, metrics: dict[str, Any]) -> RunRecord:
+    def update_run_metrics(self, run_id: int, metrics: dict[str, Any], *, fence: Fence | None = None) -> RunRecord:
         """Shallow-merge `metrics` into the run's metrics; returns the updated run."""
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             run = self._run(s, run_id)
             run.metrics = {**(run.metrics or {}), **metrics}
             run.updated_at = utcnow()
@@ -470,10 +537,10 @@ class Ledger:
         """Per run id, a summary of its committed checkpoints, in two queries for all runs.
 
         Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
-        "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
-        in the checkpoints' metrics (ties: the earlier step), counting only finite numbers, as
-        `policy.best_step` does. Metrics are decoded in Python, not with SQL JSON functions:
-        SQLite's reject a whole document holding a NaN (a diverged loss), which would fail the call.
+        "best_value": float|None, "metric": metric}}` for every run. SQL fetches the rows; the best
+        is chosen by `policy.best_of`, the one ranking retention and export use. Metrics are decoded
+        in Python, not with SQL JSON functions: SQLite's reject a whole document holding a NaN (a
+        diverged loss), which would fail the call.
         """
         committed = CheckpointState.COMMITTED.value
         out: dict[int, dict[str, Any]] = {}
@@ -492,30 +559,27 @@ class Ledger:
                 .where(Checkpoint.state == committed)
                 .order_by(Checkpoint.run_id, Checkpoint.step)
             )
-            for run_id, step, metrics in rows:
-                v = _finite_number((metrics or {}).get(metric))
-                if v is None:
-                    continue
-                entry = out[run_id]
-                best = entry["best_value"]
-                if best is None or (v > best if greater_is_better else v < best):
-                    entry["best_step"], entry["best_value"] = step, v
+            for run_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+                best = best_of((Ckpt(step, metrics or {}) for _, step, metrics in group), metric, greater_is_better)
+                if best is not None:
+                    out[run_id]["best_step"], out[run_id]["best_value"] = best.step, metric_value(best, metric)
         return out
 
     # -- checkpoints ------------------------------------------------------------------
-    def begin_checkpoint(self, run_id: int, step: int, path: str) -> CheckpointRecord:
+    def begin_checkpoint(self, run_id: int, step: int, path: str, *, fence: Fence | None = None) -> CheckpointRecord:
         """Record that checkpoint `step` is being written; an existing row for that step is reset."""
         now = utcnow()
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             ck = self._ckpt(s, run_id, step)
             if ck is None:
                 ck = Checkpoint(run_id=run_id, step=step)
                 s.add(ck)
-            ck.epoch, ck.path, ck.state = None, str(path), CheckpointState.WRITING.value
+            ck.epoch, ck.path, ck.state = None, self._stored(path), CheckpointState.WRITING.value
             ck.metrics, ck.bytes, ck.manifest_sha256 = {}, 0, None
             ck.created_at, ck.pruned_at, ck.reason = now, None, None
             s.flush()
-            return _ckpt_record(ck)
+            return _ckpt_record(ck, self._absolute)
 
     def commit_checkpoint(
         self,
@@ -527,9 +591,14 @@ class Ledger:
         bytes: int,  # noqa: A002 - the column's name
         manifest_sha256: str,
         path: str | None = None,
+        fence: Fence | None = None,
     ) -> CheckpointRecord:
-        """writing → committed. Creates the row if begin was skipped (then `path` is required)."""
+        """writing → committed. Creates the row if begin was skipped (then `path` is required).
+
+        Raises LeaseLostError, committing nothing, if the fence no longer holds the run's lease.
+        """
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             ck = self._ckpt(s, run_id, step)
             if ck is None:
                 if path is None:
@@ -537,17 +606,26 @@ class Ledger:
                 ck = Checkpoint(run_id=run_id, step=step, created_at=utcnow())
                 s.add(ck)
             if path is not None:
-                ck.path = str(path)
+                ck.path = self._stored(path)
             ck.epoch, ck.metrics, ck.bytes = epoch, dict(metrics), int(bytes)
             ck.state, ck.manifest_sha256 = CheckpointState.COMMITTED.value, manifest_sha256
             ck.pruned_at, ck.reason = None, None
             s.flush()
-            return _ckpt_record(ck)
+            return _ckpt_record(ck, self._absolute)
 
-    def mark_checkpoint(self, run_id: int, step: int, state: CheckpointState | str, reason: str | None = None) -> None:
+    def mark_checkpoint(
+        self,
+        run_id: int,
+        step: int,
+        state: CheckpointState | str,
+        reason: str | None = None,
+        *,
+        fence: Fence | None = None,
+    ) -> None:
         """Set a checkpoint's state (pruned/corrupt/partial/...); `pruned` also stamps pruned_at."""
         state = CheckpointState(state)
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             ck = self._ckpt(s, run_id, step)
             if ck is None:
                 raise KeyError(f"run {run_id} has no checkpoint at step {step}")
@@ -561,12 +639,12 @@ class Ledger:
         if states is not None:
             q = q.where(Checkpoint.state.in_([CheckpointState(x).value for x in states]))
         with self._read() as s:
-            return [_ckpt_record(c) for c in s.scalars(q.order_by(Checkpoint.step))]
+            return [_ckpt_record(c, self._absolute) for c in s.scalars(q.order_by(Checkpoint.step))]
 
     def get_checkpoint(self, run_id: int, step: int) -> CheckpointRecord | None:
         with self._read() as s:
             ck = self._ckpt(s, run_id, step)
-            return _ckpt_record(ck) if ck else None
+            return _ckpt_record(ck, self._absolute) if ck else None
 
     # -- attempts ---------------------------------------------------------------------
     def start_attempt(
@@ -579,9 +657,11 @@ class Ledger:
         resumed_from_step: int | None,
         prefect_flow_run_id: str | None = None,
         prefect_task_run_id: str | None = None,
+        fence: Fence | None = None,
     ) -> AttemptRecord:
         """A running attempt; its number is 1 + the attempts already made at (run, chunk)."""
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             n = s.scalar(select(func.count(Attempt.id)).where(Attempt.run_id == run_id, Attempt.chunk == chunk))
             resumed = self._ckpt(s, run_id, resumed_from_step) if resumed_from_step is not None else None
             a = Attempt(
@@ -601,19 +681,23 @@ class Ledger:
             s.flush()
             return _attempt_record(a)
 
-    def finish_attempt(self, attempt_id: int, status: AttemptStatus | str, error: str | None = None) -> None:
+    def finish_attempt(
+        self, attempt_id: int, status: AttemptStatus | str, error: str | None = None, *, fence: Fence | None = None
+    ) -> None:
         status = AttemptStatus(status)
         with self._write.begin() as s:
             a = self._attempt(s, attempt_id)
+            self._fence_check(s, a.run_id, fence)
             a.status, a.error, a.finished_at = status.value, error, utcnow()
 
-    def abandon_attempts(self, run_id: int, error: str) -> list[AttemptRecord]:
+    def abandon_attempts(self, run_id: int, error: str, *, fence: Fence | None = None) -> list[AttemptRecord]:
         """Mark the run's `running` attempts failed with `error`; returns them as they were.
 
         Only the run's single writer (the lease holder) calls this, when it starts an
         attempt: any other attempt still `running` then belongs to a process that died.
         """
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             rows = list(
                 s.scalars(
                     select(Attempt)
@@ -627,10 +711,11 @@ class Ledger:
                 a.status, a.error, a.finished_at = AttemptStatus.FAILED.value, error, now
             return before
 
-    def add_attempt_note(self, attempt_id: int, note: str) -> None:
+    def add_attempt_note(self, attempt_id: int, note: str, *, fence: Fence | None = None) -> None:
         """Append one line to the attempt's notes."""
         with self._write.begin() as s:
             a = self._attempt(s, attempt_id)
+            self._fence_check(s, a.run_id, fence)
             a.notes = f"{a.notes}\n{note}" if a.notes else note
 
     def attempts(self, run_id: int) -> list[AttemptRecord]:
@@ -641,17 +726,25 @@ class Ledger:
 
     # -- exports ----------------------------------------------------------------------
     def record_export(
-        self, run_id: int, *, checkpoint_id: int, path: str, merged: bool, metrics: dict[str, Any]
+        self,
+        run_id: int,
+        *,
+        checkpoint_id: int,
+        path: str,
+        merged: bool,
+        metrics: dict[str, Any],
+        fence: Fence | None = None,
     ) -> ExportRecord:
         """Raises KeyError if the checkpoint is not one of this run's."""
         with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
             ck = s.get(Checkpoint, checkpoint_id)
             if ck is None or ck.run_id != run_id:
                 raise KeyError(f"checkpoint id {checkpoint_id} is not a checkpoint of run {run_id}")
             e = Export(
                 run_id=run_id,
                 checkpoint_id=checkpoint_id,
-                path=str(path),
+                path=self._stored(path),
                 merged=bool(merged),
                 metrics=dict(metrics),
                 promoted=False,
@@ -659,7 +752,7 @@ class Ledger:
             )
             s.add(e)
             s.flush()
-            return _export_record(e, ck.step)
+            return _export_record(e, ck.step, self._absolute)
 
     def set_promoted(self, export_id: int, promoted: bool) -> None:
         with self._write.begin() as s:
@@ -667,74 +760,138 @@ class Ledger:
             if res.rowcount == 0:
                 raise KeyError(f"no export with id {export_id}")
 
+    def promote_export(self, export_id: int, *, rollback: bool = False) -> None:
+        """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
+        old champion or the new one promoted, never none or two.
+
+        Un-promote first, then promote: the unique index `uq_exports_one_promoted` (checked per
+        row on PostgreSQL) never sees two, and a concurrent promotion fails on it instead of
+        leaving two champions. Raises KeyError (changing nothing) if there is no such export.
+        """
+        with self._write.begin() as s:
+            if s.get(Export, export_id) is None:
+                raise KeyError(f"no export with id {export_id}")
+            s.execute(update(Export).where(Export.promoted.is_(True), Export.id != export_id).values(promoted=False))
+            # A rollback restores an earlier champion without making it "newer" than the one it replaces.
+            stamp = {} if rollback else {"promoted_at": utcnow()}
+            s.execute(update(Export).where(Export.id == export_id).values(promoted=True, **stamp))
+
+    def mark_export_pruned(self, export_id: int, reason: str) -> None:
+        """Record that export retention deleted this export's files (the row stays). Never the champion."""
+        with self._write.begin() as s:
+            e = s.get(Export, export_id)
+            if e is None:
+                raise KeyError(f"no export with id {export_id}")
+            if e.promoted:
+                raise ValueError(f"export {export_id} is the champion: it is never pruned")
+            e.pruned_at, e.pruned_reason = utcnow(), reason
+
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
         """Exports (of one run, or all), oldest first."""
         q = select(Export, Checkpoint.step).join(Checkpoint, Checkpoint.id == Export.checkpoint_id)
         if run_id is not None:
             q = q.where(Export.run_id == run_id)
         with self._read() as s:
-            return [_export_record(e, step) for e, step in s.execute(q.order_by(Export.id))]
+            return [_export_record(e, step, self._absolute) for e, step in s.execute(q.order_by(Export.id))]
 
     # -- leases -----------------------------------------------------------------------
-    def acquire_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> str | None:
+    def take_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> LeaseGrant:
         """Become the run's only writer, or raise RunLockedError naming the live holder.
 
         A lease held by someone else is taken over when its holder is gone: its pid is dead
-        on this host, or it has not heartbeat for `ttl_seconds`. Re-acquiring one's own
-        lease refreshes it. Returns a description of the holder taken over, if any.
+        on this host, or it has not heartbeat for `ttl_seconds`. Re-acquiring one's own lease
+        is a new acquisition too. Every acquisition increments the token, in one atomic
+        statement: a compare-and-swap `UPDATE … WHERE token = <the token just read>` (or an
+        INSERT under the primary key when the run never had a lease), so of two processes
+        taking over the same stale lease exactly one matches a row; the other re-reads and
+        finds a live holder. That holds on PostgreSQL (the loser's UPDATE waits for the
+        winner's row lock, then re-checks the token) as on SQLite (BEGIN IMMEDIATE).
         """
-        now, host, pid = utcnow(), socket.gethostname(), os.getpid()
-        taken_over: str | None = None
-        with self._write.begin() as s:
-            run = self._run(s, run_id)
+        for _ in range(_LEASE_CAS_ROUNDS):
+            now, host, pid = utcnow(), socket.gethostname(), os.getpid()
+            values = {"holder": holder, "host": host, "pid": pid, "acquired_at": now, "heartbeat_at": now}
+            try:
+                with self._write.begin() as s:
+                    run = self._run(s, run_id)
+                    lease = s.scalar(select(Lease).where(Lease.run_id == run_id).execution_options(populate_existing=True))
+                    if lease is None:
+                        s.execute(insert(Lease).values(run_id=run_id, token=1, **values))
+                        return LeaseGrant(Fence(run_id, holder, 1), None)
+                    taken_over = None
+                    if lease.holder not in (holder, _NO_HOLDER):
+                        refusal, why = _lease_in_use(lease, run.name, now, ttl_seconds)
+                        if refusal:
+                            raise RunLockedError(refusal)
+                        taken_over = f"{lease.holder} (host {lease.host}, pid {lease.pid}; {why})"
+                    seen = lease.token
+                    res = s.execute(
+                        update(Lease)
+                        .where(Lease.run_id == run_id, Lease.token == seen)
+                        .values(token=seen + 1, **values)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if res.rowcount == 1:
+                        return LeaseGrant(Fence(run_id, holder, seen + 1), taken_over)
+            except IntegrityError:  # another process inserted the first lease of this run first
+                pass
+            time.sleep(0.01)  # lost a race: read the winner's lease and decide again
+        raise RunLockedError(f"run {run_id}: could not acquire its lease, other processes kept taking it; run again")
+
+    def acquire_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> str | None:
+        """`take_lease`, returning only a description of the holder taken over, if any."""
+        return self.take_lease(run_id, holder, ttl_seconds=ttl_seconds).taken_over
+
+    def current_fence(self, run_id: int, holder: str) -> Fence:
+        """The fence of `holder`'s current acquisition; raises LeaseLostError if it does not hold the lease."""
+        with self._read() as s:
             lease = s.get(Lease, run_id)
-            if lease is None:
-                s.add(Lease(run_id=run_id, holder=holder, host=host, pid=pid, acquired_at=now, heartbeat_at=now))
-                return None
-            if lease.holder != holder:
-                refusal, why = _lease_in_use(lease, run.name, now, ttl_seconds)
-                if refusal:
-                    raise RunLockedError(refusal)
-                taken_over = f"{lease.holder} (host {lease.host}, pid {lease.pid}; {why})"
-                lease.acquired_at = now
-            lease.holder, lease.host, lease.pid, lease.heartbeat_at = holder, host, pid, now
-        return taken_over
+        if lease is None or lease.holder != holder:
+            raise LeaseLostError(
+                f"{holder} does not hold the lease of run {run_id} (holder now: {lease.holder if lease else 'none'}): "
+                "another process took it over or it was released"
+            )
+        return Fence(run_id, holder, lease.token)
 
     def check_lease(self, run_id: int, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
-        """Raise RunLockedError if a live holder has the run's lease (as acquire_lease would); writes nothing.
+        """Raise RunLockedError if a live holder has the run's lease (as take_lease would); writes nothing.
 
-        A cheap early refusal; acquire_lease remains the check that counts (two processes may pass this one).
+        A cheap early refusal; take_lease remains the check that counts (two processes may pass this one).
         """
         with self._read() as s:
             run = self._run(s, run_id)
             lease = s.get(Lease, run_id)
-            if lease is not None:
+            if lease is not None and lease.holder != _NO_HOLDER:
                 refusal, _ = _lease_in_use(lease, run.name, utcnow(), ttl_seconds)
                 if refusal:
                     raise RunLockedError(refusal)
 
-    def heartbeat(self, run_id: int, holder: str) -> None:
-        """Prove the holder is alive. Raises RunLockedError if the lease was lost (taken over or released)."""
+    def heartbeat(self, run_id: int, holder: str, *, token: int | None = None) -> None:
+        """Prove the holder is alive. Raises LeaseLostError if the lease was lost (taken over or released).
+
+        With `token`, only that acquisition counts (a holder that lost and re-took the lease
+        does not revive an older fence).
+        """
+        conditions = [Lease.run_id == run_id, Lease.holder == holder]
+        if token is not None:
+            conditions.append(Lease.token == token)
         with self._write.begin() as s:
-            res = s.execute(
-                update(Lease).where(Lease.run_id == run_id, Lease.holder == holder).values(heartbeat_at=utcnow())
-            )
+            res = s.execute(update(Lease).where(*conditions).values(heartbeat_at=utcnow()))
             if res.rowcount == 0:
-                raise RunLockedError(
+                raise LeaseLostError(
                     f"{holder} no longer holds the lease of run {run_id}: another process took it over"
                 )
 
     def release_lease(self, run_id: int, holder: str) -> None:
-        """Give the lease up; a no-op if `holder` does not hold it."""
+        """Give the lease up; a no-op if `holder` does not hold it. The row (and its token) stays."""
         with self._write.begin() as s:
-            lease = s.get(Lease, run_id)
-            if lease is not None and lease.holder == holder:
-                s.delete(lease)
+            s.execute(
+                update(Lease).where(Lease.run_id == run_id, Lease.holder == holder).values(holder=_NO_HOLDER, pid=0)
+            )
 
     def lease_holder(self, run_id: int) -> str | None:
         with self._read() as s:
             lease = s.get(Lease, run_id)
-            return lease.holder if lease else None
+            return lease.holder if lease and lease.holder != _NO_HOLDER else None
 
     # -- helpers ----------------------------------------------------------------------
     @staticmethod
@@ -756,11 +913,16 @@ class Ledger:
         return a
 
 
-def _finite_number(value: object) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+def _resolved(path: Path) -> Path:
+    """Absolute, `..` and symlinks resolved as far as the path exists (it need not exist)."""
+    return Path(os.path.realpath(path))
+
+
+def _home_of(sqlite_path: Path | None, home: Path | str | None) -> Path | None:
+    """The home stored paths are relative to: the given one, else the SQLite file's directory (the default layout)."""
+    if home is not None:
+        return _resolved(Path(home))
+    return _resolved(sqlite_path).parent if sqlite_path is not None else None
 
 
 def _lease_in_use(lease: Lease, run_name: str, now: datetime, ttl_seconds: float) -> tuple[str | None, str]:
