@@ -63,11 +63,12 @@ def test_memory_estimate_grows_with_batch_and_length_and_caps_at_rows():
     assert beyond_positions.seq == 256
 
 
-def test_an_absurd_batch_is_refused_with_the_numbers(home):
-    settings = load_settings(train={"batch_size": 10**12})
-    with pytest.raises(BadInputError, match="CKPTFLOW_TRAIN__BATCH_SIZE to at most 4") as exc:
-        preflight.check_memory(settings, TINY, SplitSizes(4, 1, "demo"))
-    assert "GiB" in str(exc.value)
+def test_a_step_beyond_the_ram_is_refused_with_the_numbers(home):
+    big = ModelShape(vocab=50257, hidden=4096, layers=48, heads=32, positions=4096)  # ~38 GiB of fp32 weights alone
+    settings = load_settings(train={"batch_size": 8}, model={"max_length": 4096})
+    with pytest.raises(BadInputError, match="CKPTFLOW_TRAIN__BATCH_SIZE to at most") as exc:
+        preflight.check_memory(settings, big, SplitSizes(100, 10, "data"))
+    assert "GiB" in str(exc.value) and "CKPTFLOW_MODEL__MAX_LENGTH" in str(exc.value)
     preflight.check_memory(load_settings(), TINY, SplitSizes(4, 1, "demo"))
 
 
