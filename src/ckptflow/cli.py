@@ -25,6 +25,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -46,20 +47,46 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 
 
 def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map ckptflow errors to exit codes with a one-paragraph message on stderr."""
+    """Map every error to an exit code with a readable message on stderr; never a traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except BadInputError as exc:
             err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # a name may hold [ ]
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
             err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(EXIT_FAILED) from None
+        except Exception as exc:  # anything a library raised: still a message, not a traceback
+            code, message = _unexpected(exc)
+            label = "error" if code == EXIT_BAD_INPUT else "failed"
+            err.print(f"[bold red]{label}:[/] {escape(message)}", markup=True, highlight=False)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+def _unexpected(exc: Exception) -> tuple[int, str]:
+    """(exit code, message) for an exception ckptflow did not raise itself."""
+    import errno
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = exc.filename or "a file"
+        return EXIT_BAD_INPUT, (
+            f"cannot write {where} ({exc.strerror}): make CKPTFLOW_HOME (and CKPTFLOW_LEDGER_URL's directory) "
+            "writable, or set CKPTFLOW_HOME to a writable directory"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return EXIT_FAILED, f"disk full writing {exc.filename or 'a file'}: free space and run the command again"
+    module = type(exc).__module__ or ""
+    if module.startswith("sqlalchemy") or module.startswith("sqlite3"):
+        return EXIT_BAD_INPUT, f"the ledger cannot be used ({type(exc).__name__}: {text[:300]}): check CKPTFLOW_LEDGER_URL"
+    return EXIT_FAILED, f"{type(exc).__name__}: {text[:500]} (unexpected; please report it with the command you ran)"
 
 
 def _emit_json(document: Any) -> None:
@@ -71,10 +98,34 @@ def _settings(config: Path | None) -> Settings:
     return settings.model_copy(update={"home": settings.home.resolve()})
 
 
-def _ledger(settings: Settings):
+def _ledger(settings: Settings, run_name: str | None = None):
+    """The ledger for a command that writes: checked first; no runs yet is RunNotFoundError, not a new file."""
+    from ckptflow import preflight
+    from ckptflow.errors import RunNotFoundError
     from ckptflow.ledger import Ledger
 
+    preflight.check_home(settings.home, writable=True)
+    if not preflight.ledger_exists(settings):
+        if run_name is not None:
+            raise _no_runs(run_name, settings)
+        raise RunNotFoundError(f"no runs yet: {settings.ledger_shown} does not exist; `ckptflow run` creates it")
+    preflight.check_ledger(settings.ledger)
     return Ledger(settings.ledger, home=settings.home)
+
+
+def _readonly_ledger(settings: Settings):
+    """The ledger opened read-only (None: no runs recorded yet); creates and migrates nothing."""
+    from ckptflow.preflight import open_readonly_ledger
+
+    return open_readonly_ledger(settings)
+
+
+def _no_runs(run_name: str, settings: Settings) -> BadInputError:
+    from ckptflow.errors import RunNotFoundError
+
+    return RunNotFoundError(
+        f"no run named {run_name!r}: no runs yet in {settings.home} (no ledger); `ckptflow runs` lists runs"
+    )
 
 
 @app.command()
@@ -87,19 +138,20 @@ def run(
     """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
     if run_name is not None:
         validate_run_name(run_name, suffix="-2" if new else "")  # before anything is read or started
+    from ckptflow import preflight
+
+    settings = _settings(config)
+    preflight.check_cheap(settings)  # settings, home, ledger, data rows, config.json, memory: before any heavy import
+    for warning in settings.warnings():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
-    settings = _settings(config)
-    for warning in settings.warnings():
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    from ckptflow import pipeline
-
-    prepared = pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
-    with _ledger(settings) as ledger:  # changed settings/data, or a run being trained: exit 2 before Prefect starts
-        from ckptflow.runs import refuse_early
-
-        refuse_early(ledger, settings, data_fingerprint=prepared.data_fingerprint, run_name=run_name, new=new)
+    completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
+    if completed is not None:
+        err.print(f"run {completed} already completed; `ckptflow checkpoints {completed}` shows it, --new trains again", highlight=False)
+        return
+    preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:
@@ -137,8 +189,11 @@ def plan(
 ) -> None:
     """Chunks, save/eval points, what is kept, and disk needed — without training."""
     from ckptflow.planner import plan_for_settings
+    from ckptflow.preflight import check_finite
 
-    document = plan_for_settings(_settings(config), at_step=at).to_json()
+    settings = _settings(config)
+    check_finite(settings)
+    document = plan_for_settings(settings, at_step=at).to_json()
     if as_json:
         _emit_json(document)
         return
@@ -178,11 +233,18 @@ def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Runs with status, steps and best metric."""
     from ckptflow.views import runs_view
 
-    ledger = _ledger(_settings(config))
-    try:
-        rows = runs_view(ledger)
-    finally:
-        ledger.close()
+    settings = _settings(config)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        rows = []
+    else:
+        try:
+            rows = runs_view(ledger)
+        finally:
+            ledger.close()
+    if not rows and not as_json:
+        err.print(f"no runs yet in {settings.ledger_shown}; `ckptflow run` starts one", highlight=False)
+        return
     if as_json:
         _emit_json(rows)
         return
@@ -201,7 +263,10 @@ def checkpoints(
     validate_run_name(run_name, option="the RUN argument")
     from ckptflow.views import checkpoints_view
 
-    ledger = _ledger(_settings(config))
+    settings = _settings(config)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         rows = checkpoints_view(ledger, run_name, include_all=all_states)
     finally:
@@ -221,7 +286,9 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
     from ckptflow.runs import get_run
 
     settings = _settings(config)
-    ledger = _ledger(settings)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         run_record = get_run(ledger, run_name)
         problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
@@ -260,7 +327,9 @@ def prune(
     from ckptflow.runs import get_run, run_settings
 
     settings = _settings(config)
-    ledger = _ledger(settings)
+    ledger = _readonly_ledger(settings) if dry_run else _ledger(settings, run_name)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         run_record = get_run(ledger, run_name)
         policy_settings = settings if config else run_settings(run_record)
@@ -323,6 +392,7 @@ def export(
 
 
 @app.command()
+@_exits
 def serve() -> None:
     """Serve the finetune and retrain deployments (flow.serve, no work pool needed)."""
     from deployments.serve import main as serve_main

@@ -25,6 +25,14 @@ class FingerprintMismatchError(BadInputError):
     """A run was reopened with different config or data; the message shows what differs."""
 
 
+class LedgerError(BadInputError):
+    """The ledger cannot be used: bad URL, missing driver, not a database, or a schema this version cannot use."""
+
+
+class HomeError(BadInputError):
+    """CKPTFLOW_HOME cannot be used: a file, or not writable where ckptflow must write."""
+
+
 class RunNotFoundError(BadInputError):
     """No run of that name in the ledger."""
 

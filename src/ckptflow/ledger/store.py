@@ -56,7 +56,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from ckptflow.errors import LeaseLostError, LedgerUnavailableError, RunLockedError
+from ckptflow.errors import LeaseLostError, LedgerError, LedgerUnavailableError, RunLockedError
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
@@ -245,8 +245,12 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes."""
+def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
+    """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes.
+
+    `readonly`: a SQLite file is opened read-only (see `preflight.readonly_sqlite_uri`); no directory
+    is created and the journal mode is left alone.
+    """
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True, **kwargs)
@@ -255,10 +259,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if path is None:  # in-memory: one shared connection, or every checkout sees an empty database
         connect_args["check_same_thread"] = False
         kwargs.setdefault("poolclass", StaticPool)
+    elif readonly:
+        u = readonly_sqlite_url(path)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(u, connect_args=connect_args, **kwargs)
-    wal = path is not None
+    wal = path is not None and not readonly
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -278,6 +284,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def readonly_sqlite_url(path: Path) -> Any:
+    """The SQLAlchemy URL of `preflight.readonly_sqlite_uri` (pysqlite passes the URI's flags on)."""
+    from ckptflow.preflight import readonly_sqlite_uri
+
+    return make_url(f"sqlite:///{readonly_sqlite_uri(path)}&uri=true")
 
 
 def _retry_locked(fn: Any, attempts: int = 50) -> Any:
@@ -368,20 +381,65 @@ def _unavailable_message(ledger: Ledger, call: str, exc: DBAPIError, started: fl
     )
 
 
+def known_revisions() -> set[str]:
+    """Every migration revision shipped with this package."""
+    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def check_revision(url: str, revision: str | None, *, readonly: bool) -> None:
+    """Refuse a ledger this version cannot use: an unknown (newer) schema; read-only, an older one.
+
+    Raises LedgerError naming CKPTFLOW_LEDGER_URL. `revision` None is an empty ledger.
+    """
+    head = head_revision()
+    if revision is None or revision == head:
+        return
+    shown = _safe_url(url)
+    if revision not in known_revisions():
+        newer = revision.isdigit() and head is not None and head.isdigit() and int(revision) > int(head)
+        why = "a newer schema than this version of ckptflow knows" if newer else "a schema revision this version of ckptflow does not know"
+        raise LedgerError(
+            f"ledger {shown} has {why} (alembic_version {revision!r}; this version knows up to {head!r}): "
+            "upgrade ckptflow to the version that wrote it, or set CKPTFLOW_LEDGER_URL to another ledger"
+        )
+    if readonly:
+        raise LedgerError(
+            f"ledger {shown} has the older schema {revision!r} (this version needs {head!r}) and read-only commands "
+            "never upgrade it: run `ckptflow run` once to upgrade it, or set CKPTFLOW_LEDGER_URL to an upgraded ledger"
+        )
+
+
+def _safe_url(url: str) -> str:
+    """The URL with any password hidden (for messages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(CKPTFLOW_LEDGER_URL)"
+
+
 # -- the ledger --------------------------------------------------------------------------
 class Ledger:
     """The SQL ledger. Open with any SQLAlchemy URL; the schema is migrated to head on open."""
 
-    def __init__(self, url: str, *, home: Path | str | None = None) -> None:
+    def __init__(self, url: str, *, home: Path | str | None = None, readonly: bool = False) -> None:
+        """Open the ledger; a writer migrates it to head, a `readonly` one only checks the schema.
+
+        Read-only opens write nothing (no file, no directory, no migration, no journal-mode
+        change) and refuse a schema other than head (LedgerError).
+        """
         self.url = url
+        self.readonly = readonly
         self._sqlite_path = _sqlite_file(url)
         self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
-        self._engine = make_engine(url)
+        self._engine = make_engine(url, readonly=readonly)
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         self._write = sessionmaker(self._writer_engine, expire_on_commit=False)
         try:
-            self._migrate()
+            if readonly:
+                check_revision(url, self.current_revision(), readonly=True)
+            else:
+                self._migrate()
         except BaseException:
             self._engine.dispose()
             raise
@@ -412,8 +470,10 @@ class Ledger:
         with _dir_lock(self._sqlite_path):
             for i in range(_MIGRATE_RETRIES):
                 try:
-                    if self.current_revision() == head:
+                    current = self.current_revision()
+                    if current == head:
                         return
+                    check_revision(self.url, current, readonly=False)  # newer/unknown schema: never "upgrade" it
                     cfg = _alembic_config()
                     with self._writer_engine.begin() as conn:  # one transaction (BEGIN IMMEDIATE on SQLite)
                         cfg.attributes["connection"] = conn
