@@ -35,15 +35,20 @@ from ckptflow.errors import BadInputError, CkptflowError
 from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Crash-safe, policy-driven LoRA fine-tuning.")
-err = Console(stderr=True)
-out = Console()
+# Plain click help: flags show as flags (rich help printed `--json <bool>`), arguments are described.
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Crash-safe, policy-driven LoRA fine-tuning."
+)
+# Not a terminal (a pipe, a file, CI): never wrap a line mid-phrase, never truncate a value.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+out = Console(soft_wrap=not sys.stdout.isatty())
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run name, as `ckptflow runs` lists it.")]
 
 
 def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -56,18 +61,24 @@ def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (typer.Exit, typer.Abort, click.exceptions.ClickException):
             raise
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # a name may hold [ ]
+            _say("error", str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
-            err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
+            _say("failed", str(exc))
             raise typer.Exit(EXIT_FAILED) from None
         except Exception as exc:  # anything a library raised: still a message, not a traceback
             code, message = _unexpected(exc)
-            label = "error" if code == EXIT_BAD_INPUT else "failed"
-            err.print(f"[bold red]{label}:[/] {escape(message)}", markup=True, highlight=False)
+            _say("error" if code == EXIT_BAD_INPUT else "failed", message)
             raise typer.Exit(code) from None
 
     return wrapper
+
+
+def _say(label: str, message: str) -> None:
+    """One error message on stderr: secrets masked (a library may quote a URL), markup escaped (a name may hold [ ])."""
+    from ckptflow.secrets import redact
+
+    err.print(f"[bold red]{label}:[/] {escape(redact(message))}", markup=True, highlight=False)
 
 
 def _unexpected(exc: Exception) -> tuple[int, str]:
@@ -91,6 +102,19 @@ def _unexpected(exc: Exception) -> tuple[int, str]:
 
 def _emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (chunk results, records) as dicts, recursively, for --json."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _settings(config: Path | None) -> Settings:
@@ -134,8 +158,10 @@ def run(
     config: ConfigOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Run to create or resume.")] = None,
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run even if the name exists.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
+    err.print("ckptflow run: checking settings, data and model …", highlight=False)  # at once: imports come later
     if run_name is not None:
         validate_run_name(run_name, suffix="-2" if new else "")  # before anything is read or started
     from ckptflow import preflight
@@ -149,13 +175,14 @@ def run(
     quiet_libraries()
     completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
     if completed is not None:
-        err.print(f"run {completed} already completed; `ckptflow checkpoints {completed}` shows it, --new trains again", highlight=False)
+        _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
         return
     preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    err.print("ckptflow run: starting Prefect and the finetune flow …", highlight=False)
     from flows.finetune import finetune
 
     try:
@@ -163,11 +190,20 @@ def run(
     except (BadInputError, CkptflowError):
         raise
     except Exception as exc:  # a chunk that failed all its retries, an export check, ...
-        err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
-        err.print(f"run it again to resume from the last committed checkpoint", highlight=False)
+        _say("failed", f"{type(exc).__name__}: {exc}")
+        err.print("run it again to resume from the last committed checkpoint", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
+    _report_run(result, as_json)
+
+
+def _report_run(result: dict[str, Any], as_json: bool) -> None:
+    """The run's outcome: one JSON document on stdout with --json, else a short summary on stderr."""
+    if as_json:
+        _emit_json(_plain(result))
+        return
     if result.get("already_completed"):
-        err.print(f"run {result['run']} already completed; `ckptflow checkpoints {result['run']}` shows it, --new trains again")
+        name = result["run"]
+        err.print(f"run {name} already completed; `ckptflow checkpoints {name}` shows it, --new trains again", highlight=False)
         return
     export, evaluation = result.get("export", {}), result.get("evaluation", {})
     err.print(f"run {result['run']} completed", highlight=False)
@@ -254,7 +290,7 @@ def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 @_exits
 def checkpoints(
-    run_name: Annotated[str, typer.Argument(help="Run name.")],
+    run_name: RunArg,
     all_states: Annotated[bool, typer.Option("--all", help="Include pruned, corrupt and partial ones.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -279,7 +315,7 @@ def checkpoints(
 
 @app.command()
 @_exits
-def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def verify(run_name: RunArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-hash every committed checkpoint and look for partial ones; exit 1 when any file differs or is missing."""
     validate_run_name(run_name, option="the RUN argument")
     from ckptflow.recovery import verify_run
@@ -291,7 +327,8 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
         raise _no_runs(run_name, settings)
     try:
         run_record = get_run(ledger, run_name)
-        problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
+        with _busy(f"re-hashing the checkpoints of {run_name} …"):
+            problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
         checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
     finally:
         ledger.close()
@@ -316,7 +353,7 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
 @app.command()
 @_exits
 def prune(
-    run_name: Annotated[str, typer.Argument()],
+    run_name: RunArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision; change nothing.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -355,7 +392,7 @@ def prune(
 @app.command()
 @_exits
 def export(
-    run_name: Annotated[str, typer.Argument()],
+    run_name: RunArg,
     step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory: new, empty, or an earlier export (with --force).")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
@@ -377,11 +414,14 @@ def export(
     quiet_libraries()
     ledger = _ledger(settings)
     try:
-        recorded = run_settings(get_run(ledger, run_name))
+        run_record = get_run(ledger, run_name)
+        if step is not None and ledger.get_checkpoint(run_record.id, step) is None:  # refuse before the lease is taken
+            raise BadInputError(f"run {run_name!r} has no checkpoint at step {step}; `ckptflow checkpoints {run_name}` lists them")
+        recorded = run_settings(run_record)
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    with run_lease(recorded, run_name, lease_holder_id()):  # never beside a live training run of `run_name`
+    with run_lease(recorded, run_name, lease_holder_id()), _busy("exporting (merge, write, reload check) …"):
         result = export_run(
             recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force
         )
@@ -389,6 +429,54 @@ def export(
         _emit_json(result)
         return
     out.print(f"exported checkpoint-{result['step']} of {run_name} to {result['path']}", highlight=False)
+
+
+@app.command()
+@_exits
+def retrain(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Train a challenger even when the data did not change.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the retrain flow here (the same flow as the nightly deployment): challenger vs champion, promote or keep."""
+    err.print("ckptflow retrain: checking settings …", highlight=False)
+    from ckptflow import preflight
+
+    settings = _settings(config)
+    preflight.check_cheap(settings)
+    from ckptflow.quiet import quiet_libraries
+
+    quiet_libraries()
+    preflight.check_model(settings)
+    err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
+    from flows.retrain import retrain as retrain_flow
+
+    state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
+    if not state.is_completed():
+        raise CkptflowError(f"retrain ended {state.name}: {state.message or ''}".strip())
+    record = state.result()
+    if as_json:
+        _emit_json(_plain(record))
+        return
+    err.print(f"retrain: {record['action']} — {record['reason']}", highlight=False)
+
+
+@app.command()
+@_exits
+def rollback(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Make the previous champion of `retrain` the champion again (ledger, exports/champion.json, the symlink)."""
+    from ckptflow.promotion import rollback as roll_back
+
+    settings = _settings(config)
+    ledger = _ledger(settings)
+    try:
+        record = roll_back(ledger, settings.home)
+    finally:
+        ledger.close()
+    if as_json:
+        _emit_json(record.to_json())
+        return
+    err.print(f"rollback: {record.reason}", highlight=False)
 
 
 @app.command()
@@ -401,10 +489,25 @@ def serve() -> None:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A rich table on a terminal (values fold, never truncated); tab-separated lines in a pipe: copyable, greppable."""
+    if not out.is_terminal:
+        sys.stdout.write("\t".join(columns) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(_cell(row.get(c)) for c in columns) + "\n")
+        return
     table = Table(*columns)
+    for column in table.columns:
+        column.overflow = "fold"
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     out.print(table)
+
+
+def _busy(message: str):
+    """A spinner on stderr while a long operation runs (a terminal only; pipes get nothing)."""
+    from contextlib import nullcontext
+
+    return err.status(message) if err.is_terminal else nullcontext()
 
 
 def _cell(value: Any) -> str:

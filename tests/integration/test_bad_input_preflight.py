@@ -132,7 +132,6 @@ def test_refused_on_a_completed_home_changing_nothing(case, completed_home, tmp_
     run_case(case, home=completed_home, cwd=tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="export writes to the ledger (its lease) before it refuses a --step that does not exist")
 def test_export_of_a_missing_step_changes_nothing(completed_home, tmp_path):
     run_case(Case("export-step-missing", ("export", "base", "--step", "3"), ("step 3",)), home=completed_home, cwd=tmp_path)
 
