@@ -336,12 +336,13 @@ def verify(run_name: RunArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     if as_json:
         _emit_json(document)
     elif problems:
-        for step, items in sorted(problems.items()):
-            for item in items:
-                err.print(f"[red]checkpoint-{step}[/]: {item}", highlight=False)
+        for _step, items in sorted(problems.items()):
+            for item in items:  # each names its file: checkpoint-N/<file>: what is wrong
+                err.print(escape(item), highlight=False)
+        steps = ", ".join(f"checkpoint-{step}" for step in sorted(problems))
         err.print(
-            f"{len(problems)} problem checkpoint(s) in run {run_name}: resume and export never use them; they fall "
-            "back to the newest (resume) or best (export) checkpoint that verifies and move these to quarantine/",
+            f"run {run_name}: {len(checked) - len(set(problems) & set(checked))} of {len(checked)} committed checkpoints "
+            f"verified; not usable: {steps} (resume and export skip them and fall back to the next that verifies)",
             highlight=False,
         )
     else:
