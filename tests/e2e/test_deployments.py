@@ -52,7 +52,8 @@ def _task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, object
 def _artifacts(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, object]:
     of_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
     found = client.read_artifacts(artifact_filter=of_run)
-    return {a.key: a for a in found}
+    # The newest version of each key (the summary and table are republished during the run, as it goes).
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}
 
 
 def _run_retrain(stack, client: SyncPrefectClient) -> object:

@@ -85,7 +85,7 @@ def drill_run(server, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with SyncPrefectClient(api_url) as client:
         (flow_run,) = client.read_flow_runs()
-        artifacts = {a.key: a for a in client.read_artifacts()}
+        artifacts = {a.key: a for a in sorted(client.read_artifacts(), key=lambda a: a.created)}  # newest version
     return flow_run, artifacts
 
 
