@@ -166,6 +166,12 @@ class CheckpointSettings(_Group):
     min_free_bytes: int | None = Field(
         None, ge=0, description="Refuse a save that would leave less free disk; empty = 64 MiB margin."
     )
+    remote_url: str = Field(
+        "",
+        max_length=2048,
+        description="fsspec URL every committed checkpoint is also uploaded to (s3://bucket/prefix, gs://…, file:///path); "
+        "empty = none. S3 endpoint and keys the standard AWS way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …).",
+    )
 
     @property
     def metric_key(self) -> str:
