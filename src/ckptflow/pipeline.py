@@ -18,6 +18,7 @@ from ckptflow import faults
 from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
 from ckptflow.ledger import Ledger, RunStatus
 from ckptflow.paths import DATA_CACHE_DIR, PREFECT_RESULTS_DIR, contained
+from ckptflow.remote_restore import fetch_missing
 from ckptflow.runs import OpenedRun, get_run, open_run
 from ckptflow.settings import Settings
 
@@ -149,7 +150,9 @@ def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
         resolved, tokenizer, data = load_inputs(settings)
         if data.eval is None or not settings.checkpoint.evaluates:
             return {"skipped": "no eval data or eval_strategy=no"}
-        best, notes = choose_checkpoint(ledger, run, settings)
+        notes = fetch_missing(ledger, run.id, settings.checkpoint.remote_url)  # checkpoints only on the remote
+        best, chosen_notes = choose_checkpoint(ledger, run, settings)
+        notes += chosen_notes
         base = evaluate_model(load_base_model(resolved), data.eval, tokenizer, settings)
         tuned = evaluate_checkpoint(load_base_model(resolved), Path(best.path), data.eval, tokenizer, settings)
         result = {
@@ -188,7 +191,9 @@ def export_run(
     ledger = Ledger(settings.ledger, home=settings.home)
     try:
         run = get_run(ledger, run_name)
-        ckpt, notes = choose_checkpoint(ledger, run, settings, step=step)
+        notes = fetch_missing(ledger, run.id, settings.checkpoint.remote_url, step=step)  # export from the remote alone
+        ckpt, chosen_notes = choose_checkpoint(ledger, run, settings, step=step)
+        notes += chosen_notes
         resolved = resolve_model(settings.model.name_or_path, settings.home)
         merged = settings.export.merge if merge is None else merge
         metrics = export_metrics(ckpt.step, ckpt.metrics, run.metrics)
