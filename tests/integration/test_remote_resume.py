@@ -1,0 +1,144 @@
+"""Resume anywhere: a run's checkpoints go to a real local S3 server (moto on loopback, s3fs) as
+they are committed; the home is deleted; an empty home with the same ledger (kept outside
+the home) and the same remote resumes from the newest remote copy that verifies and ends
+bit-identical to an uninterrupted run. A flipped byte in the newest remote copy makes the
+resume fall back to the one before; `export` works from the remote alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ckptflow import pipeline
+from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
+from ckptflow.remote import remote_steps, verify_remote
+from ckptflow.training import InjectedFault
+from ckptflow.views import checkpoints_view
+from tests.badinput import ckptflow
+from tests.helpers import ADAPTER_FILE, adapter_weights, committed_steps, max_abs_diff, settings_for, train_without_prefect
+from tests.s3 import REMOTE_PREFIX
+
+pytestmark = pytest.mark.slow
+
+RUN = "r"
+# 3 epochs of the demo = 6 steps, saved at 2, 4, 6; chunks of 2 steps; the first run fails at step 5,
+# after checkpoints 2 and 4 are committed and uploaded.
+TRAIN = {"chunk_steps": 2, "epochs": 3}
+FAULT_STEP = 5
+FINAL_STEP = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """checkpoint-6 of the same run trained in one go, without a remote (the bit-identical target)."""
+    home = tmp_path_factory.mktemp("reference") / "home"
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("CKPTFLOW_")}
+    try:
+        settings = settings_for(home, train=TRAIN)
+        train_without_prefect(settings, RUN)
+    finally:
+        os.environ.update(saved)
+    return settings.checkpoints_dir(RUN) / f"checkpoint-{FINAL_STEP}"
+
+
+def _settings(home: Path, ledger_file: Path, remote_url: str, **extra):
+    return settings_for(home, ledger_url=f"sqlite:///{ledger_file}", train=TRAIN, checkpoint={"remote_url": remote_url}, **extra)
+
+
+def _interrupted_run(tmp_path: Path, remote_url: str):
+    """Train until the injected failure at step 5; returns (its settings, the ledger file)."""
+    ledger_file = tmp_path / "shared-ledger" / "ledger.db"
+    ledger_file.parent.mkdir()
+    first = _settings(tmp_path / "machine-1" / "home", ledger_file, remote_url, fault={"at_step": FAULT_STEP, "mode": "raise"})
+    with pytest.raises(InjectedFault):
+        train_without_prefect(first, RUN)
+    return first, ledger_file
+
+
+def _view(settings) -> dict[int, dict]:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        return {row["step"]: row for row in checkpoints_view(ledger, RUN, include_all=True)}
+
+
+def _attempts(settings) -> list:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        return ledger.attempts(ledger.get_run(RUN).id)
+
+
+def _last_attempt_resumed_from(settings) -> int | None:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        attempts = [a for a in ledger.attempts(ledger.get_run(RUN).id) if a.status == AttemptStatus.COMPLETED]
+    return attempts[-1].resumed_from_step
+
+
+def test_an_empty_home_resumes_from_the_remote_bit_identical_and_exports_from_it(reference, s3, s3_remote, tmp_path):
+    url, bucket = s3_remote
+    # 1. Checkpoints 2 and 4 are committed, uploaded, verified and marked before the failure at step 5.
+    first, ledger_file = _interrupted_run(tmp_path, url)
+    assert committed_steps(first, RUN) == [2, 4]
+    assert remote_steps(url, RUN) == [2, 4]
+    assert {s: r["location"] for s, r in _view(first).items()} == {2: "both", 4: "both"}
+
+    # 2. The machine is gone: nothing of its home is left.
+    shutil.rmtree(first.home)
+    second = _settings(tmp_path / "machine-2" / "home", ledger_file, url)
+    env = {"CKPTFLOW_HOME": str(second.home), "CKPTFLOW_LEDGER_URL": second.ledger, **s3.env()}
+    listed = ckptflow("checkpoints", RUN, "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert {row["step"]: row["location"] for row in json.loads(listed.stdout)} == {2: "remote", 4: "remote"}
+
+    # 3. An empty home resumes from the newest remote copy (checkpoint-4) and trains to the end.
+    train_without_prefect(second, RUN)
+    assert _last_attempt_resumed_from(second) == 4
+    final = second.checkpoints_dir(RUN) / f"checkpoint-{FINAL_STEP}"
+    assert max_abs_diff(adapter_weights(reference), adapter_weights(final)) == 0.0
+
+    # 4. Every checkpoint retention keeps is on the remote, and only those (pruned copies deleted).
+    view = _view(second)
+    kept = {s for s, r in view.items() if r["state"] == CheckpointState.COMMITTED}
+    assert FINAL_STEP in kept
+    assert set(remote_steps(url, RUN)) == kept
+    assert all(view[s]["location"] in ("both", "remote") for s in kept)
+    assert all(view[s]["location"] is None for s in view.keys() - kept)
+
+    # 5. A third empty home exports from the remote alone.
+    shutil.rmtree(second.home)
+    third = _settings(tmp_path / "machine-3" / "home", ledger_file, url)
+    exported = pipeline.export_run(third, RUN)
+    assert exported["step"] in kept
+    assert (Path(exported["path"]) / "model.safetensors").is_file() or any(Path(exported["path"]).glob("*.safetensors"))
+    assert (third.checkpoints_dir(RUN) / f"checkpoint-{exported['step']}" / ADAPTER_FILE).is_file()
+
+
+def test_a_flipped_byte_in_the_newest_remote_copy_falls_back_to_the_one_before(reference, s3, s3_remote, tmp_path):
+    url, bucket = s3_remote
+    first, ledger_file = _interrupted_run(tmp_path, url)
+    assert remote_steps(url, RUN) == [2, 4]
+
+    # 1. One byte of checkpoint-4's adapter weights changes on the server; the home is gone.
+    key = f"{REMOTE_PREFIX}/runs/{RUN}/checkpoints/checkpoint-4/{ADAPTER_FILE}"
+    client = s3.client()
+    data = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    assert verify_remote(url, RUN, 4) != []
+    shutil.rmtree(first.home)
+
+    # 2. The resume never uses it: it starts from checkpoint-2 (saying why) and still ends bit-identical.
+    second = _settings(tmp_path / "machine-2" / "home", ledger_file, url)
+    before = len(_attempts(second))
+    train_without_prefect(second, RUN)
+    resumed = _attempts(second)[before]
+    assert resumed.resumed_from_step == 2
+    assert "checkpoint-4" in resumed.notes and "remote copy" in resumed.notes, resumed.notes
+    final = second.checkpoints_dir(RUN) / f"checkpoint-{FINAL_STEP}"
+    assert max_abs_diff(adapter_weights(reference), adapter_weights(final)) == 0.0
+
+    # 3. Checkpoint-4 was trained again; if it is kept, its remote copy was replaced and verifies.
+    if 4 in committed_steps(second, RUN):
+        assert verify_remote(url, RUN, 4) == []
