@@ -26,7 +26,7 @@ from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRe
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
 from ckptflow.planning import Chunk
-from ckptflow.remote_uploads import CheckpointUploads, open_uploads, uploading
+from ckptflow.remote_uploads import CheckpointUploads, open_uploads, upload_missing, uploading
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
@@ -201,6 +201,7 @@ def _begin(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, fe
             ledger.add_attempt_note(attempt.id, note)
     if done:
         # Already trained (perhaps by a process killed before it pruned): leave what the policy keeps.
+        upload_missing(ledger, run, remote_url, fence)  # uploads an earlier attempt left unfinished
         if attempt is not None:
             ledger.add_attempt_note(attempt.id, f"nothing to train: checkpoint-{resume.step} is committed and verifies")
             ledger.finish_attempt(attempt.id, AttemptStatus.COMPLETED)

@@ -107,4 +107,16 @@ def uploading(uploads: CheckpointUploads | None) -> Iterator[None]:
     uploads.finish()
 
 
-__all__ = ["DRAIN_TIMEOUT_S", "CheckpointUploads", "open_uploads", "uploading"]
+
+
+def upload_missing(ledger: Ledger, run: RunRecord, remote_url: str, fence: Fence | None) -> None:
+    """Upload, now, every committed local checkpoint without a verified remote copy (no-op without a remote).
+
+    For a chunk with nothing left to train whose uploads an earlier attempt did not finish:
+    the run must not report completed with a checkpoint missing on the remote.
+    """
+    with uploading(open_uploads(ledger, run, remote_url, fence)):
+        pass
+
+
+__all__ = ["DRAIN_TIMEOUT_S", "CheckpointUploads", "open_uploads", "upload_missing", "uploading"]

@@ -17,6 +17,7 @@ import pytest
 from ckptflow import pipeline
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
 from ckptflow.remote import remote_steps, verify_remote
+from ckptflow.remote_uploader import UploadFailedError
 from ckptflow.training import InjectedFault
 from ckptflow.views import checkpoints_view
 from tests.badinput import ckptflow
@@ -142,3 +143,24 @@ def test_a_flipped_byte_in_the_newest_remote_copy_falls_back_to_the_one_before(r
     # 3. Checkpoint-4 was trained again; if it is kept, its remote copy was replaced and verifies.
     if 4 in committed_steps(second, RUN):
         assert verify_remote(url, RUN, 4) == []
+
+
+def test_a_failed_upload_fails_the_chunk_keeps_the_local_commit_and_the_retry_uploads_it(s3, s3_remote, tmp_path):
+    # One chunk of 4 steps: its uploads (checkpoints 2 and 4) fail, the bucket does not exist yet.
+    _, bucket = s3_remote
+    missing = f"{bucket}-not-yet"
+    url = f"s3://{missing}/{REMOTE_PREFIX}"
+    settings = settings_for(tmp_path / "home", train={"chunk_steps": 4}, checkpoint={"remote_url": url})
+    with pytest.raises(UploadFailedError, match="create it, or change CKPTFLOW_CHECKPOINT__REMOTE_URL"):
+        train_without_prefect(settings, RUN)
+    assert committed_steps(settings, RUN) == [2, 4]
+    assert {s: r["location"] for s, r in _view(settings).items()} == {2: "local", 4: "local"}
+    failed = _attempts(settings)[-1]
+    assert failed.status == AttemptStatus.FAILED and "upload" in failed.error
+
+    # The retry has nothing left to train, but uploads what is missing before the chunk succeeds.
+    s3.client().create_bucket(Bucket=missing)
+    train_without_prefect(settings, RUN)
+    kept = committed_steps(settings, RUN)
+    assert remote_steps(url, RUN) == kept and 4 in kept
+    assert {_view(settings)[s]["location"] for s in kept} == {"both"}
