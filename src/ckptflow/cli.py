@@ -224,7 +224,7 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
     ledger = _ledger(settings)
     try:
         run_record = get_run(ledger, run_name)
-        problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
+        problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name), remote_url=settings.checkpoint.remote_url)
         checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
     finally:
         ledger.close()

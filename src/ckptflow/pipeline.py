@@ -211,6 +211,7 @@ def export_run(
         record = ledger.record_export(
             run.id, checkpoint_id=ckpt.id, path=str(result.path), merged=merged, metrics=metrics
         )
+        remote = _upload_export(settings, run_name, result.path) if out is None else None
         return {
             "export_id": record.id,
             "path": str(result.path),
@@ -220,9 +221,23 @@ def export_run(
             "max_logit_diff": result.max_logit_diff,
             "seconds": result.seconds,
             "notes": notes,
+            "remote_url": remote,
         }
     finally:
         ledger.close()
+
+
+def _upload_export(settings: Settings, run_name: str, path: Path) -> str | None:
+    """Copy the run's export to `<remote_url>/exports/<run>/` (provenance last); its URL (masked), or None without a remote.
+
+    Only the home's own export goes up (an `--out` directory is the user's).
+    """
+    if not settings.checkpoint.remote_url:
+        return None
+    from ckptflow.export import PROVENANCE_NAME
+    from ckptflow.remote import upload_export
+
+    return upload_export(path, settings.checkpoint.remote_url, run_name, PROVENANCE_NAME).url
 
 
 def export_metrics(step: int, checkpoint_metrics: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:

@@ -284,8 +284,13 @@ def resume_point(
     return None
 
 
-def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None) -> dict[int, list[str]]:
+def verify_run(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None, *, remote_url: str = ""
+) -> dict[int, list[str]]:
     """Re-hash every committed checkpoint; {step: problems} for the bad ones. Changes nothing.
+
+    A checkpoint missing locally whose copy on `remote_url` the ledger marks verified is
+    checked there instead (re-read from the remote, nothing downloaded).
 
     With `checkpoints_dir`, also reports `checkpoint-N` directories that are not committed:
     without a manifest (a save that was interrupted, or is in progress) or unknown to the
@@ -295,7 +300,12 @@ def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None)
     rows = {r.step: r for r in ledger.checkpoints(run_id)}
     for row in rows.values():
         if row.state == CheckpointState.COMMITTED:
-            problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
+            if not Path(row.path).exists() and has_remote_copy(row, remote_url):
+                from ckptflow.remote import verify_remote
+
+                problems = verify_remote(remote_url, ledger.get_run_by_id(run_id).name, row.step, row.manifest_sha256)
+            else:
+                problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
             if problems:
                 bad[row.step] = problems
     for path in checkpoint_dirs(checkpoints_dir) if checkpoints_dir is not None else []:

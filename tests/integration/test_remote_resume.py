@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from ckptflow import pipeline
+from ckptflow.export import PROVENANCE_NAME
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
 from ckptflow.remote import remote_steps, verify_remote
 from ckptflow.remote_uploader import UploadFailedError
@@ -92,6 +93,8 @@ def test_an_empty_home_resumes_from_the_remote_bit_identical_and_exports_from_it
     listed = ckptflow("checkpoints", RUN, "--json", cwd=tmp_path, env=env)
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert {row["step"]: row["location"] for row in json.loads(listed.stdout)} == {2: "remote", 4: "remote"}
+    verified = ckptflow("verify", RUN, "--json", cwd=tmp_path, env={**env, "CKPTFLOW_CHECKPOINT__REMOTE_URL": url})
+    assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # 3. An empty home resumes from the newest remote copy (checkpoint-4) and trains to the end.
     train_without_prefect(second, RUN)
@@ -112,8 +115,16 @@ def test_an_empty_home_resumes_from_the_remote_bit_identical_and_exports_from_it
     third = _settings(tmp_path / "machine-3" / "home", ledger_file, url)
     exported = pipeline.export_run(third, RUN)
     assert exported["step"] in kept
-    assert (Path(exported["path"]) / "model.safetensors").is_file() or any(Path(exported["path"]).glob("*.safetensors"))
+    assert any(Path(exported["path"]).glob("*.safetensors"))
     assert (third.checkpoints_dir(RUN) / f"checkpoint-{exported['step']}" / ADAPTER_FILE).is_file()
+
+    # 6. The export went up too, its provenance (the remote commit marker) byte-equal to the local one.
+    local = Path(exported["path"])
+    prefix = f"{REMOTE_PREFIX}/exports/{RUN}/"
+    keys = {k.removeprefix(prefix) for k in s3.keys(bucket, prefix)}
+    assert keys == {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    provenance = s3.client().get_object(Bucket=bucket, Key=prefix + PROVENANCE_NAME)["Body"].read()
+    assert provenance == (local / PROVENANCE_NAME).read_bytes()
 
 
 def test_a_flipped_byte_in_the_newest_remote_copy_falls_back_to_the_one_before(reference, s3, s3_remote, tmp_path):
