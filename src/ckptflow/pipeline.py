@@ -113,6 +113,8 @@ def _hash_source(digest: Any, spec: str) -> None:
 
 
 def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str | None, new: bool) -> OpenedRun:
+    """Open (or create) the run; refuses first (exit 2) a `checkpoint.remote_url` whose bucket is missing."""
+    _check_remote(settings)
     ledger = Ledger(settings.ledger, home=settings.home)
     try:
         opened = open_run(
@@ -128,6 +130,14 @@ def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str
         return opened
     finally:
         ledger.close()
+
+
+def _check_remote(settings: Settings) -> None:
+    """Before training: a remote whose bucket is missing or unreadable is bad input, not a failure after the first save."""
+    if settings.checkpoint.remote_url:
+        from ckptflow.remote_fs import check_writable_root, open_store
+
+        check_writable_root(open_store(settings.checkpoint.remote_url))
 
 
 def set_status(settings: Settings, run_name: str, status: RunStatus) -> None:

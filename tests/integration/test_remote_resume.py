@@ -17,12 +17,23 @@ import pytest
 from ckptflow import pipeline
 from ckptflow.export import PROVENANCE_NAME
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
-from ckptflow.remote import remote_steps, verify_remote
+from ckptflow.chunks import run_chunk
+from ckptflow.planning import chunk_plan
+from ckptflow.remote import RemoteConfigError, remote_steps, verify_remote
+from ckptflow.remote_fs import REMOTE_URL_ENV
 from ckptflow.remote_uploader import UploadFailedError
 from ckptflow.training import InjectedFault
 from ckptflow.views import checkpoints_view
-from tests.badinput import ckptflow
-from tests.helpers import ADAPTER_FILE, adapter_weights, committed_steps, max_abs_diff, settings_for, train_without_prefect
+from tests.badinput import Case, ckptflow, run_case
+from tests.helpers import (
+    ADAPTER_FILE,
+    adapter_weights,
+    committed_steps,
+    job_for,
+    max_abs_diff,
+    settings_for,
+    train_without_prefect,
+)
 from tests.s3 import REMOTE_PREFIX
 
 pytestmark = pytest.mark.slow
@@ -157,21 +168,46 @@ def test_a_flipped_byte_in_the_newest_remote_copy_falls_back_to_the_one_before(r
 
 
 def test_a_failed_upload_fails_the_chunk_keeps_the_local_commit_and_the_retry_uploads_it(s3, s3_remote, tmp_path):
-    # One chunk of 4 steps: its uploads (checkpoints 2 and 4) fail, the bucket does not exist yet.
-    _, bucket = s3_remote
-    missing = f"{bucket}-not-yet"
-    url = f"s3://{missing}/{REMOTE_PREFIX}"
+    # One chunk of 4 steps; the bucket vanishes after the run opened, so its uploads (checkpoints 2 and 4) fail.
+    url, bucket = s3_remote
     settings = settings_for(tmp_path / "home", train={"chunk_steps": 4}, checkpoint={"remote_url": url})
+    opened = pipeline.open_or_create_run(settings, pipeline.prepare(settings), RUN, False)
+    s3.client().delete_bucket(Bucket=bucket)
+    (chunk,) = chunk_plan(opened.run.total_steps, 4, settings.checkpoint.save_steps)
     with pytest.raises(UploadFailedError, match="create it, or change CKPTFLOW_CHECKPOINT__REMOTE_URL"):
-        train_without_prefect(settings, RUN)
+        run_chunk(job_for(settings, RUN, chunk))
     assert committed_steps(settings, RUN) == [2, 4]
     assert {s: r["location"] for s, r in _view(settings).items()} == {2: "local", 4: "local"}
     failed = _attempts(settings)[-1]
     assert failed.status == AttemptStatus.FAILED and "upload" in failed.error
 
     # The retry has nothing left to train, but uploads what is missing before the chunk succeeds.
-    s3.client().create_bucket(Bucket=missing)
+    s3.client().create_bucket(Bucket=bucket)
     train_without_prefect(settings, RUN)
     kept = committed_steps(settings, RUN)
     assert remote_steps(url, RUN) == kept and 4 in kept
     assert {_view(settings)[s]["location"] for s in kept} == {"both"}
+
+
+BAD_REMOTES = [
+    Case("remote-not-a-url", ("run", "--run-name", "r"), (REMOTE_URL_ENV, "s3://bucket/prefix"), env={REMOTE_URL_ENV: "bucket/prefix"}),
+    Case("remote-no-bucket", ("run", "--run-name", "r"), (REMOTE_URL_ENV,), env={REMOTE_URL_ENV: "s3://"}),
+    Case("remote-bad-scheme", ("plan",), (REMOTE_URL_ENV,), env={REMOTE_URL_ENV: "3s://bucket/p"}),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REMOTES, ids=lambda c: c.id)
+def test_a_remote_url_that_is_not_one_is_refused_before_anything_runs(case, home, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run_case(case, home=home, cwd=cwd)
+
+
+def test_a_missing_bucket_is_refused_before_the_run_opens(s3, s3_remote, home):
+    url, bucket = s3_remote
+    settings = settings_for(home, checkpoint={"remote_url": url.replace(bucket, bucket + "-typo")})
+    prepared = pipeline.prepare(settings)
+    with pytest.raises(RemoteConfigError, match=f"{bucket}-typo.*create it, or change {REMOTE_URL_ENV}"):
+        pipeline.open_or_create_run(settings, prepared, RUN, False)
+    with Ledger(settings.ledger, home=settings.home) as ledger:
+        assert ledger.get_run(RUN) is None
