@@ -209,7 +209,7 @@ def checkpoints(
     if as_json:
         _emit_json(rows)
         return
-    _table(rows, ["step", "state", "metric", "bytes", "is_best", "reason", "path"])
+    _table(rows, ["step", "state", "metric", "bytes", "is_best", "location", "reason", "path"])
 
 
 @app.command()

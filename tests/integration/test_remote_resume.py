@@ -211,3 +211,16 @@ def test_a_missing_bucket_is_refused_before_the_run_opens(s3, s3_remote, home):
         pipeline.open_or_create_run(settings, prepared, RUN, False)
     with Ledger(settings.ledger, home=settings.home) as ledger:
         assert ledger.get_run(RUN) is None
+
+
+def test_ckptflow_run_uploads_every_kept_checkpoint_before_it_reports_completed(s3, s3_remote, home, tmp_path):
+    # The real CLI and flow (temporary Prefect server), chunks of 2 steps, the remote from the environment.
+    url, bucket = s3_remote
+    env = {"CKPTFLOW_HOME": str(home), REMOTE_URL_ENV: url, "CKPTFLOW_TRAIN__CHUNK_STEPS": "2", **s3.env()}
+    done = ckptflow("run", "--run-name", RUN, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    listed = ckptflow("checkpoints", RUN, "--json", cwd=tmp_path, env=env)
+    rows = json.loads(listed.stdout)
+    assert rows and {row["location"] for row in rows} == {"both"}
+    assert remote_steps(url, RUN) == [row["step"] for row in rows]
+    assert f"{REMOTE_PREFIX}/exports/{RUN}/{PROVENANCE_NAME}" in s3.keys(bucket, f"{REMOTE_PREFIX}/exports/")
