@@ -426,6 +426,24 @@ def upload_export(local_dir: Path, remote_url: str, run_name: str, marker: str) 
     return copy
 
 
+def delete_remote_export(remote_url: str, run_name: str, marker: str) -> int:
+    """Remove `<remote_url>/exports/<run>/`, the marker (provenance) first; returns the number of files removed.
+
+    For export retention: an interrupted delete leaves a directory without its marker, never
+    an export missing files.
+    """
+    store = open_store(remote_url)
+    remote_dir = store.path(*_export_parts(run_name))
+    with explain(store, f"delete of the export of run {run_name} at"):
+        store.forget_listings()
+        removed = int(remove_file(store, f"{remote_dir}/{marker}"))
+        for path in files_under(store, remote_dir):
+            removed += int(remove_file(store, path))
+        if store.is_local:
+            _remove_empty_dirs(store, remote_dir)
+    return removed
+
+
 def _remove_empty_dirs(store: RemoteStore, remote_dir: str) -> None:
     for dirpath, _dirs, _files in os.walk(remote_dir, topdown=False):
         try:
@@ -445,6 +463,7 @@ __all__ = [
     "EXPORTS_DIR",
     "checkpoint_url",
     "delete_remote",
+    "delete_remote_export",
     "download_checkpoint",
     "export_url",
     "newest_verified_remote",

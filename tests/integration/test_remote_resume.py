@@ -19,7 +19,7 @@ from ckptflow.export import PROVENANCE_NAME
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
 from ckptflow.chunks import run_chunk
 from ckptflow.planning import chunk_plan
-from ckptflow.remote import RemoteConfigError, remote_steps, verify_remote
+from ckptflow.remote import RemoteConfigError, delete_remote_export, remote_steps, verify_remote
 from ckptflow.remote_fs import REMOTE_URL_ENV
 from ckptflow.remote_uploader import UploadFailedError
 from ckptflow.training import InjectedFault
@@ -133,6 +133,10 @@ def test_an_empty_home_resumes_from_the_remote_bit_identical_and_exports_from_it
     assert keys == {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     provenance = s3.client().get_object(Bucket=bucket, Key=prefix + PROVENANCE_NAME)["Body"].read()
     assert provenance == (local / PROVENANCE_NAME).read_bytes()
+
+    # 7. Export retention's remote half: the run's remote export goes, provenance first, nothing else touched.
+    assert delete_remote_export(url, RUN, PROVENANCE_NAME) == len(keys)
+    assert s3.keys(bucket, prefix) == [] and set(remote_steps(url, RUN)) == kept
 
 
 def test_a_flipped_byte_in_the_newest_remote_copy_falls_back_to_the_one_before(reference, s3, s3_remote, tmp_path):
