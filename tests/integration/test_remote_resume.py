@@ -225,3 +225,10 @@ def test_ckptflow_run_uploads_every_kept_checkpoint_before_it_reports_completed(
     assert rows and {row["location"] for row in rows} == {"both"}
     assert remote_steps(url, RUN) == [row["step"] for row in rows]
     assert f"{REMOTE_PREFIX}/exports/{RUN}/{PROVENANCE_NAME}" in s3.keys(bucket, f"{REMOTE_PREFIX}/exports/")
+
+
+@pytest.mark.parametrize("remote_url", ["", "s3://other-bucket/prefix", "file:///srv/ckpt"])
+def test_the_remote_is_not_part_of_the_run_fingerprint(remote_url, home):
+    # The same run resumes whichever bucket (or none) a machine uploads to.
+    plain = settings_for(home)
+    assert settings_for(home, checkpoint={"remote_url": remote_url}).training_fingerprint() == plain.training_fingerprint()
