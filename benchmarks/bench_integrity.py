@@ -6,8 +6,10 @@ Trainer writes it. Then, each the median of several repeats:
 
 - write: the save itself (buffered, as HF does), and write + sync (durable);
 - commit: `write_manifest` right after the save (hash from page cache + fsync = pays the writeback);
-- cold: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, needs root) before each of
-  sequential read / `verify_checkpoint` / `write_manifest` of the same files;
+- cold: with `--drop-caches` (what `make bench` passes; needs root), the machine's page cache
+  is dropped (`echo 3 > /proc/sys/vm/drop_caches`) before each of sequential read /
+  `verify_checkpoint` / `write_manifest` of the same files; without it (tests, --quick runs)
+  nothing is dropped and cold = warm;
 - warm: the same from page cache; and sha256 of a memory buffer (the CPU ceiling);
 - reference: plain hashlib with the files on a 2-thread pool (hashlib releases the GIL).
 
@@ -33,8 +35,11 @@ DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 BLOCK = 8 * 2**20  # read size, the same as ckptflow.integrity.HASH_BLOCK_SIZE
 
 
-def drop_caches() -> bool:
-    """Write dirty pages, then drop the page cache; False if not permitted."""
+def drop_caches(enabled: bool) -> bool:
+    """Write dirty pages, then drop the whole machine's page cache; False if not `enabled` or not
+    permitted. Opt-in (`--drop-caches`) because it slows down everything else running on the machine."""
+    if not enabled:
+        return False
     os.sync()
     try:
         DROP_CACHES.write_text("3\n")
@@ -106,11 +111,11 @@ def parallel_hash(path: Path, workers: int = 2) -> dict[str, str]:
         return dict(zip((str(f) for f in files), pool.map(_hash_file, files)))
 
 
-def measure(fn, repeat: int, *, cold: bool) -> float:
+def measure(fn, repeat: int, *, cold: bool, drop: bool) -> float:
     times = []
     for _ in range(repeat):
         if cold:
-            drop_caches()
+            drop_caches(drop)
         else:
             fn()  # warm the page cache
         t0 = time.perf_counter()
@@ -120,7 +125,9 @@ def measure(fn, repeat: int, *, cold: bool) -> float:
 
 
 def main() -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args()
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--drop-caches", action="store_true", help="drop the machine's page cache before cold reads (root)")
+    args = p.parse_args()
     sys.path[:0] = [str(C.TREE / "src")]
     from ckptflow.integrity import verify_checkpoint, write_manifest
 
@@ -128,14 +135,14 @@ def main() -> None:
     repeat = 1 if args.quick else 5
     with C.Workdir(args, "integrity") as work:
         model, optim_state = build_state(args.quick)
-        can_drop = drop_caches()
+        can_drop = drop_caches(args.drop_caches)
         write_checkpoint(work / "warmup" / "checkpoint-10", model, optim_state)  # first-call costs, not measured
         shutil.rmtree(work / "warmup")
         # 1. write as HF does, then commit (manifest right after: hash from cache + fsync)
         write_t, commit_t, sync_t = [], [], []
         for i in range(repeat):
             ck = work / f"w{i}" / "checkpoint-10"
-            drop_caches()
+            drop_caches(args.drop_caches)
             t0 = time.perf_counter()
             write_checkpoint(ck, model, optim_state)
             t1 = time.perf_counter()
@@ -144,7 +151,7 @@ def main() -> None:
             write_t.append(t1 - t0)
             commit_t.append(t2 - t1)
             ck2 = work / f"s{i}" / "checkpoint-10"
-            drop_caches()
+            drop_caches(args.drop_caches)
             t0 = time.perf_counter()
             write_checkpoint(ck2, model, optim_state)
             os.sync()
@@ -164,7 +171,10 @@ def main() -> None:
             ("write_manifest (re-hash + fsync)", lambda: write_manifest(ck, step=10, metrics={}, settings_digest="bench")),
             ("reference: plain hashlib, files on 2 threads", lambda: parallel_hash(ck)),
         ]:
-            results[label] = {"cold": measure(fn, repeat, cold=True), "warm": measure(fn, repeat, cold=False)}
+            results[label] = {
+                "cold": measure(fn, repeat, cold=True, drop=args.drop_caches),
+                "warm": measure(fn, repeat, cold=False, drop=args.drop_caches),
+            }
         buf = os.urandom(min(size, 256 * 2**20))
         t0 = time.perf_counter()
         hashlib.sha256(buf).digest()
@@ -196,7 +206,7 @@ def main() -> None:
     verdict = mb / results["verify_checkpoint"]["cold"] / (mb / read["cold"])
     report.note(
         f"- sha256 of a memory buffer (CPU ceiling, one core): {sha_mbps:,.0f} MB/s.\n"
-        f"- page cache {'dropped before each cold measurement' if can_drop else 'NOT dropped (no permission): cold = warm'}.\n"
+        f"- page cache {'dropped before each cold measurement' if can_drop else 'NOT dropped (no --drop-caches, or no permission): cold = warm'}.\n"
         f"- verify vs sequential read, cold: {verdict:.2f}× (target ≥ 0.70×)."
     )
     report.data.update(

@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # full: about 15 minutes on 2 CPU cores
     python benchmarks/run_all.py --quick    # tiny sizes, a minute or two: checks that everything runs
     python benchmarks/run_all.py --only integrity ledger
+    python benchmarks/run_all.py --drop-caches   # `make bench`: cold reads really cold (root; slows the machine)
 
 Each benchmark runs as its own process (one at a time), prints its tables, and writes
 benchmarks/results/<name>.{md,json}; this script then writes benchmarks/results/summary.md:
@@ -50,6 +51,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (checks that everything runs)")
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    p.add_argument("--drop-caches", action="store_true", help="integrity: drop the page cache before cold reads (root)")
     args = p.parse_args()
     names = args.only or list(BENCHMARKS)
     load_start, t0 = C.loadavg(), time.monotonic()
@@ -57,6 +59,8 @@ def main() -> int:
     for name in names:
         print(f"\n===== {name} ({BENCHMARKS[name]}) =====", flush=True)
         cmd = [C.PYTHON, str(C.BENCH_DIR / BENCHMARKS[name])] + (["--quick"] if args.quick else [])
+        if args.drop_caches and name == "integrity":  # the only benchmark that reads cold
+            cmd.append("--drop-caches")
         if subprocess.run(cmd).returncode != 0:
             failed.append(name)
     minutes = (time.monotonic() - t0) / 60

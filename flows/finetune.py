@@ -11,7 +11,7 @@ from ckptflow.chunks import lease_holder_id
 from ckptflow.errors import BadInputError, InsufficientDiskError
 from ckptflow.ledger import RunStatus
 from ckptflow.params import FinetuneOverrides, RunName, settings_overrides
-from ckptflow.planning import chunk_plan
+from ckptflow.planning import schedule_for
 from ckptflow.quiet import quiet_libraries
 from ckptflow.secrets import install_redaction
 from ckptflow.settings import Settings, load_settings
@@ -37,10 +37,15 @@ def resolve_settings(config_file: str | None, overrides: FinetuneOverrides | dic
 
 
 def train_all_chunks(
-    settings: Settings, run_name: str, total_steps: int, progress: RunProgress, live: LiveSummary | None = None
+    settings: Settings,
+    run_name: str,
+    total_steps: int,
+    train_rows: int,
+    progress: RunProgress,
+    live: LiveSummary | None = None,
 ) -> list:
     results = []
-    for chunk in chunk_plan(total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
+    for chunk in schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks:  # as `ckptflow plan`
         task = train_chunk.with_options(
             retries=settings.train.retries,
             retry_delay_seconds=settings.train.retry_delay_seconds,
@@ -97,7 +102,8 @@ def finetune(
             progress = RunProgress(name, opened.run.total_steps, done)
             live = LiveSummary(settings, name, progress)
             with live_updates(settings, name, live.saved, start_step=done):
-                result["chunks"] = train_all_chunks(settings, name, opened.run.total_steps, progress, live)
+                total = opened.run.total_steps
+                result["chunks"] = train_all_chunks(settings, name, total, prepared.train_rows, progress, live)
             result["evaluation"] = evaluate(settings, name)
             result["export"] = export_best(settings, name)
             pipeline.set_status(settings, name, RunStatus.COMPLETED)

@@ -45,3 +45,11 @@ def postgres_url(postgres_server):
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(make_url(url).database)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request, tmp_path) -> str:
+    """A fresh, empty ledger database on each backend: a SQLite file, then a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -1,23 +1,33 @@
-"""Crash drills: start real training processes, watch the ledger and the files, SIGKILL at a chosen moment.
+"""Crash drills: start real `ckptflow` processes, watch the ledger and the files, SIGKILL at a chosen moment.
 
-Processes are forked from one multiprocessing forkserver that imported torch/TRL once
-(tests/crash_driver.py: PRELOAD, run_forked), so a drill process starts in milliseconds.
+Every drill process is the real CLI (`ckptflow run` = the `finetune` flow of flows/finetune.py,
+`ckptflow export`), reporting to one real `prefect server start` per test session
+(`session_server`: ~10 s once, instead of a temporary server per process). The processes are
+forked from a multiprocessing forkserver that imported torch/TRL/Prefect/the flow once
+(`PRELOAD`, `run_forked`): each is still a real process that is SIGKILLed for real, but starts
+in milliseconds instead of ~10 s of imports. The forkserver only imports modules — it starts no
+Prefect client, event loop or thread that a forked child could inherit half-used.
+
 A moment is chosen by *observing* a state (a ledger row, a directory, a file), never by
 sleeping; `settings.fault.pause_at` only makes short-lived states last long enough to be seen.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,6 @@ from ckptflow.ledger import AttemptRecord, AttemptStatus, CheckpointRecord, Chec
 from tests.helpers import ADAPTER_FILE, adapter_weights, max_abs_diff
 
 REPO = Path(__file__).resolve().parents[1]
-DRIVER = REPO / "tests" / "crash_driver.py"
 
 # The run every drill trains: 8 steps, chunks of 4, a save (and eval) every 2 steps, keep the
 # 2 most recent (so pruning happens during training: checkpoint-2 when 6 commits).
@@ -41,7 +50,10 @@ DRILL_ENV = {
     "CKPTFLOW_CHECKPOINT__RETENTION": "recent",
 }
 LAST_STEP = 8
-# Environment of every drill subprocess: offline, no analytics, one torch thread (same numerics everywhere).
+# Forked drill processes run without Prefect retries: an injected fault or a full disk ends the
+# process with exit 1 (what a drill then reruns), instead of being retried away.
+DRIVER_ENV = {"CKPTFLOW_TRAIN__RETRIES": "0"}
+# Environment of every drill process: offline, no analytics, one torch thread (same numerics everywhere).
 PROCESS_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
@@ -49,10 +61,33 @@ PROCESS_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
+    "MPLBACKEND": "Agg",
 }
 # How long a watched state may take to appear, and how often to look (seconds).
 WATCH_TIMEOUT = 120.0
 POLL = 0.005
+SERVER_START_TIMEOUT = 120.0
+# Modules the forkserver imports once for all drill processes: what every `ckptflow run` imports anyway.
+PRELOAD = [
+    "torch",
+    "transformers.trainer",
+    "trl.trainer.sft_trainer",
+    "peft",
+    "datasets",
+    "matplotlib.pyplot",
+    "ckptflow.cli",
+    "ckptflow.chunks",
+    "ckptflow.data",
+    "ckptflow.evaluation",
+    "ckptflow.export",
+    "ckptflow.modeling",
+    "ckptflow.pipeline",
+    "ckptflow.planner",
+    "flows.finetune",
+    "tasks.pipeline",
+    "tasks.reporting",
+    "tests.drills",
+]
 
 
 def pause_env(point: str, step: int | None = None, seconds: float = 120) -> dict[str, str]:
@@ -62,28 +97,137 @@ def pause_env(point: str, step: int | None = None, seconds: float = 120) -> dict
     return env
 
 
+# -- the Prefect server ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefectServer:
+    """A running `prefect server start`; `env` points a process at it (and at its own PREFECT_HOME)."""
+
+    api_url: str
+    prefect_home: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PREFECT_API_URL": self.api_url, "PREFECT_HOME": str(self.prefect_home)}
+
+
+@contextlib.contextmanager
+def running_prefect_server(root: Path) -> Iterator[PrefectServer]:
+    """`prefect server start` on a free local port in its own process group; killed (group) at the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = PrefectServer(f"http://127.0.0.1:{port}/api", root / "prefect-home")
+    log = root / "prefect-server.log"
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        env = {**os.environ, **PROCESS_ENV, **server.env}
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_healthy(server.api_url, proc, log)
+        yield server
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(wait)
+                break
+
+
+@functools.cache
+def session_server() -> PrefectServer:
+    """The one Prefect server of this test process, started on first use and stopped at exit."""
+    server = running_prefect_server(Path(tempfile.mkdtemp(prefix="ckptflow-prefect-")))
+    started = server.__enter__()
+    atexit.register(server.__exit__, None, None, None)
+    return started
+
+
+def _wait_healthy(api_url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        time.sleep(0.2)
+    raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT:.0f}s:\n{log.read_text()[-3000:]}")
+
+
 # -- processes --------------------------------------------------------------------------------
 @functools.cache
-def _forkserver() -> Any:
-    from tests.crash_driver import PRELOAD
+def _forkserver(server: PrefectServer) -> Any:
+    """The forkserver, started with `server`'s environment: Prefect reads its settings once, at import."""
+    from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
+    with _environ({**PROCESS_ENV, **server.env}):  # the forkserver inherits this process's environment
+        forkserver.ensure_running()
     return ctx
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_forked(argv: list[str], env: dict[str, str], cwd: str, log_path: str, api_url: str) -> None:
+    """multiprocessing target: become `ckptflow ARGV` (the real CLI) with exactly `env`'s CKPTFLOW_* settings."""
+    for key in [k for k in os.environ if k.startswith("CKPTFLOW_")]:
+        del os.environ[key]
+    os.environ.update(env)
+    os.chdir(cwd)
+    import torch
+    from prefect.settings import PREFECT_API_URL
+
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 in every other drill process: the same numerics
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    print(f"{time.strftime('%H:%M:%S')} forked: ckptflow {' '.join(argv)}", file=sys.stderr, flush=True)
+    code = 1
+    try:
+        assert PREFECT_API_URL.value() == api_url, f"forkserver reports to {PREFECT_API_URL.value()}, not {api_url}"
+        from ckptflow.cli import app
+
+        app(argv, prog_name="ckptflow")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Driver:
-    """One forked `crash_driver` process training run `run_name` in `home`."""
+    """One forked `ckptflow run --run-name RUN` (or `ckptflow export RUN`) process on `home`."""
 
     def __init__(self, home: Path, run_name: str, env: dict[str, str] | None = None, command: str = "run") -> None:
-        from tests.crash_driver import run_forked
-
         self.home, self.run_name = Path(home), run_name
         self.log = self.home.parent / f"{run_name}-{time.monotonic_ns()}.log"
         self.home.mkdir(parents=True, exist_ok=True)
-        full_env = {"CKPTFLOW_HOME": str(self.home), **DRILL_ENV, **(env or {})}
-        args = (run_name, full_env, str(self.home.parent), str(self.log), command)
-        self.proc = _forkserver().Process(target=run_forked, args=args)
+        full_env = {"CKPTFLOW_HOME": str(self.home), **DRILL_ENV, **DRIVER_ENV, **(env or {})}
+        argv = ["run", "--run-name", run_name] if command == "run" else [command, run_name]
+        server = session_server()
+        args = (argv, full_env, str(self.home.parent), str(self.log), server.api_url)
+        self.proc = _forkserver(server).Process(target=run_forked, args=args)
         self.proc.start()
 
     @property

@@ -8,7 +8,7 @@ from typing import Any
 from ckptflow import pipeline
 from ckptflow.chunks import ChunkJob, run_chunk
 from ckptflow.ledger import CheckpointState, Ledger, RunStatus
-from ckptflow.planning import chunk_plan
+from ckptflow.planning import schedule_for
 from ckptflow.settings import Settings, load_settings
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -27,7 +27,7 @@ def train_without_prefect(settings: Settings, run_name: str, *, launch=None) -> 
     """prepare → open → every chunk once (no retries); returns the run name."""
     prepared = pipeline.prepare(settings)
     opened = pipeline.open_or_create_run(settings, prepared, run_name, False)
-    for chunk in chunk_plan(opened.run.total_steps, settings.train.chunk_steps, settings.checkpoint.save_steps):
+    for chunk in schedule_for(settings, total_steps=opened.run.total_steps, train_rows=prepared.train_rows).chunks:
         run_chunk(job_for(settings, opened.run.name, chunk), launch)
     return opened.run.name
 

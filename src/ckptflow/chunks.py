@@ -25,13 +25,12 @@ from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, f
 from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRecord, holding
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
-from ckptflow.planning import Chunk
+from ckptflow.planning import Chunk, Schedule, schedule_for
 from ckptflow.remote_uploads import CheckpointUploads, open_uploads, upload_missing, uploading
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
     DEFAULT_MIN_FREE_BYTES,
-    ChunkStopCallback,
     CommitCallback,
     DiskGuardCallback,
     FaultInjectionCallback,
@@ -40,6 +39,7 @@ from ckptflow.training import (
     PauseCallback,
     TENSORBOARD_DIR,
     TENSORBOARD_DIR_ENV,
+    ScheduleCallback,
     TrainerSpec,
     checkpoint_dir,
     free_bytes,
@@ -360,6 +360,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
     spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
+    schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
     uploads = open_uploads(ledger, run, settings.checkpoint.remote_url if _is_main_process() else "", plan.lease)
     trainer = SFTTrainer(
         model=load_base_model(resolved),
@@ -368,7 +369,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan, uploads),
+        callbacks=_callbacks(ledger, run, settings, job, plan, schedule, uploads),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
@@ -391,7 +392,13 @@ def _pause_mid_save(trainer: Any) -> None:
 
 
 def _callbacks(
-    ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan, uploads: CheckpointUploads | None = None
+    ledger: Ledger,
+    run: RunRecord,
+    settings: Settings,
+    job: ChunkJob,
+    plan: AttemptPlan,
+    schedule: Schedule,
+    uploads: CheckpointUploads | None = None,
 ) -> list:
     """The trainer's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
@@ -424,7 +431,7 @@ def _callbacks(
 
     callbacks: list = [
         PauseCallback(),
-        ChunkStopCallback(job.end_step),
+        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
         DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
         LogCallback(log),
     ]

@@ -25,6 +25,7 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -34,36 +35,86 @@ from ckptflow.errors import BadInputError, CkptflowError
 from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Crash-safe, policy-driven LoRA fine-tuning.")
-err = Console(stderr=True)
-out = Console()
+# Plain click help: flags show as flags (rich help printed `--json <bool>`), arguments are described.
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Crash-safe, policy-driven LoRA fine-tuning."
+)
+# Not a terminal (a pipe, a file, CI): never wrap a line mid-phrase, never truncate a value.
+err = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+out = Console(soft_wrap=not sys.stdout.isatty())
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
+RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run name, as `ckptflow runs` lists it.")]
 
 
 def _exits(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Map ckptflow errors to exit codes with a one-paragraph message on stderr."""
+    """Map every error to an exit code with a readable message on stderr; never a traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except BadInputError as exc:
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False)  # a name may hold [ ]
+            _say("error", str(exc))
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except CkptflowError as exc:
-            err.print(f"[bold red]failed:[/] {escape(str(exc))}", markup=True, highlight=False)
+            _say("failed", str(exc))
             raise typer.Exit(EXIT_FAILED) from None
+        except Exception as exc:  # anything a library raised: still a message, not a traceback
+            code, message = _unexpected(exc)
+            _say("error" if code == EXIT_BAD_INPUT else "failed", message)
+            raise typer.Exit(code) from None
 
     return wrapper
 
 
+def _say(label: str, message: str) -> None:
+    """One error message on stderr: secrets masked (a library may quote a URL), markup escaped (a name may hold [ ])."""
+    from ckptflow.secrets import redact
+
+    err.print(f"[bold red]{label}:[/] {escape(redact(message))}", markup=True, highlight=False)
+
+
+def _unexpected(exc: Exception) -> tuple[int, str]:
+    """(exit code, message) for an exception ckptflow did not raise itself."""
+    import errno
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        where = exc.filename or "a file"
+        return EXIT_BAD_INPUT, (
+            f"cannot write {where} ({exc.strerror}): make CKPTFLOW_HOME (and CKPTFLOW_LEDGER_URL's directory) "
+            "writable, or set CKPTFLOW_HOME to a writable directory"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return EXIT_FAILED, f"disk full writing {exc.filename or 'a file'}: free space and run the command again"
+    module = type(exc).__module__ or ""
+    if module.startswith("sqlalchemy") or module.startswith("sqlite3"):
+        return EXIT_BAD_INPUT, f"the ledger cannot be used ({type(exc).__name__}: {text[:300]}): check CKPTFLOW_LEDGER_URL"
+    return EXIT_FAILED, f"{type(exc).__name__}: {text[:500]} (unexpected; please report it with the command you ran)"
+
+
 def _emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses (chunk results, records) as dicts, recursively, for --json."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _settings(config: Path | None) -> Settings:
@@ -71,10 +122,34 @@ def _settings(config: Path | None) -> Settings:
     return settings.model_copy(update={"home": settings.home.resolve()})
 
 
-def _ledger(settings: Settings):
+def _ledger(settings: Settings, run_name: str | None = None):
+    """The ledger for a command that writes: checked first; no runs yet is RunNotFoundError, not a new file."""
+    from ckptflow import preflight
+    from ckptflow.errors import RunNotFoundError
     from ckptflow.ledger import Ledger
 
+    preflight.check_home(settings.home, writable=True)
+    if not preflight.ledger_exists(settings):
+        if run_name is not None:
+            raise _no_runs(run_name, settings)
+        raise RunNotFoundError(f"no runs yet: {settings.ledger_shown} does not exist; `ckptflow run` creates it")
+    preflight.check_ledger(settings.ledger)
     return Ledger(settings.ledger, home=settings.home)
+
+
+def _readonly_ledger(settings: Settings):
+    """The ledger opened read-only (None: no runs recorded yet); creates and migrates nothing."""
+    from ckptflow.preflight import open_readonly_ledger
+
+    return open_readonly_ledger(settings)
+
+
+def _no_runs(run_name: str, settings: Settings) -> BadInputError:
+    from ckptflow.errors import RunNotFoundError
+
+    return RunNotFoundError(
+        f"no run named {run_name!r}: no runs yet in {settings.home} (no ledger); `ckptflow runs` lists runs"
+    )
 
 
 @app.command()
@@ -83,27 +158,31 @@ def run(
     config: ConfigOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", "-n", help="Run to create or resume.")] = None,
     new: Annotated[bool, typer.Option("--new", help="Start a fresh run even if the name exists.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Run the finetune flow; resumes run NAME if it exists and is unfinished."""
+    err.print("ckptflow run: checking settings, data and model …", highlight=False)  # at once: imports come later
     if run_name is not None:
         validate_run_name(run_name, suffix="-2" if new else "")  # before anything is read or started
+    from ckptflow import preflight
+
+    settings = _settings(config)
+    preflight.check_cheap(settings)  # settings, home, ledger, data rows, config.json, memory: before any heavy import
+    for warning in settings.warnings():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
-    settings = _settings(config)
-    for warning in settings.warnings():
-        err.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    from ckptflow import pipeline
-
-    prepared = pipeline.prepare(settings)  # bad data or an unknown model fails here, before Prefect starts
-    with _ledger(settings) as ledger:  # changed settings/data, or a run being trained: exit 2 before Prefect starts
-        from ckptflow.runs import refuse_early
-
-        refuse_early(ledger, settings, data_fingerprint=prepared.data_fingerprint, run_name=run_name, new=new)
+    completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
+    if completed is not None:
+        _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
+        return
+    preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    err.print("ckptflow run: starting Prefect and the finetune flow …", highlight=False)
     from flows.finetune import finetune
 
     try:
@@ -111,11 +190,20 @@ def run(
     except (BadInputError, CkptflowError):
         raise
     except Exception as exc:  # a chunk that failed all its retries, an export check, ...
-        err.print(f"[bold red]failed:[/] {type(exc).__name__}: {exc}", highlight=False)
-        err.print(f"run it again to resume from the last committed checkpoint", highlight=False)
+        _say("failed", f"{type(exc).__name__}: {exc}")
+        err.print("run it again to resume from the last committed checkpoint", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
+    _report_run(result, as_json)
+
+
+def _report_run(result: dict[str, Any], as_json: bool) -> None:
+    """The run's outcome: one JSON document on stdout with --json, else a short summary on stderr."""
+    if as_json:
+        _emit_json(_plain(result))
+        return
     if result.get("already_completed"):
-        err.print(f"run {result['run']} already completed; `ckptflow checkpoints {result['run']}` shows it, --new trains again")
+        name = result["run"]
+        err.print(f"run {name} already completed; `ckptflow checkpoints {name}` shows it, --new trains again", highlight=False)
         return
     export, evaluation = result.get("export", {}), result.get("evaluation", {})
     err.print(f"run {result['run']} completed", highlight=False)
@@ -137,8 +225,11 @@ def plan(
 ) -> None:
     """Chunks, save/eval points, what is kept, and disk needed — without training."""
     from ckptflow.planner import plan_for_settings
+    from ckptflow.preflight import check_finite
 
-    document = plan_for_settings(_settings(config), at_step=at).to_json()
+    settings = _settings(config)
+    check_finite(settings)
+    document = plan_for_settings(settings, at_step=at).to_json()
     if as_json:
         _emit_json(document)
         return
@@ -178,11 +269,18 @@ def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Runs with status, steps and best metric."""
     from ckptflow.views import runs_view
 
-    ledger = _ledger(_settings(config))
-    try:
-        rows = runs_view(ledger)
-    finally:
-        ledger.close()
+    settings = _settings(config)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        rows = []
+    else:
+        try:
+            rows = runs_view(ledger)
+        finally:
+            ledger.close()
+    if not rows and not as_json:
+        err.print(f"no runs yet in {settings.ledger_shown}; `ckptflow run` starts one", highlight=False)
+        return
     if as_json:
         _emit_json(rows)
         return
@@ -192,7 +290,7 @@ def runs(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 @app.command()
 @_exits
 def checkpoints(
-    run_name: Annotated[str, typer.Argument(help="Run name.")],
+    run_name: RunArg,
     all_states: Annotated[bool, typer.Option("--all", help="Include pruned, corrupt and partial ones.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -201,7 +299,10 @@ def checkpoints(
     validate_run_name(run_name, option="the RUN argument")
     from ckptflow.views import checkpoints_view
 
-    ledger = _ledger(_settings(config))
+    settings = _settings(config)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         rows = checkpoints_view(ledger, run_name, include_all=all_states)
     finally:
@@ -214,17 +315,22 @@ def checkpoints(
 
 @app.command()
 @_exits
-def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def verify(run_name: RunArg, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Re-hash every committed checkpoint and look for partial ones; exit 1 when any file differs or is missing."""
     validate_run_name(run_name, option="the RUN argument")
     from ckptflow.recovery import verify_run
     from ckptflow.runs import get_run
 
     settings = _settings(config)
-    ledger = _ledger(settings)
+    ledger = _readonly_ledger(settings)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         run_record = get_run(ledger, run_name)
-        problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name), remote_url=settings.checkpoint.remote_url)
+        with _busy(f"re-hashing the checkpoints of {run_name} …"):
+            problems = verify_run(
+                ledger, run_record.id, settings.checkpoints_dir(run_name), remote_url=settings.checkpoint.remote_url
+            )
         checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
     finally:
         ledger.close()
@@ -232,12 +338,13 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
     if as_json:
         _emit_json(document)
     elif problems:
-        for step, items in sorted(problems.items()):
-            for item in items:
-                err.print(f"[red]checkpoint-{step}[/]: {item}", highlight=False)
+        for _step, items in sorted(problems.items()):
+            for item in items:  # each names its file: checkpoint-N/<file>: what is wrong
+                err.print(escape(item), highlight=False)
+        steps = ", ".join(f"checkpoint-{step}" for step in sorted(problems))
         err.print(
-            f"{len(problems)} problem checkpoint(s) in run {run_name}: resume and export never use them; they fall "
-            "back to the newest (resume) or best (export) checkpoint that verifies and move these to quarantine/",
+            f"run {run_name}: {len(checked) - len(set(problems) & set(checked))} of {len(checked)} committed checkpoints "
+            f"verified; not usable: {steps} (resume and export skip them and fall back to the next that verifies)",
             highlight=False,
         )
     else:
@@ -249,7 +356,7 @@ def verify(run_name: Annotated[str, typer.Argument()], config: ConfigOpt = None,
 @app.command()
 @_exits
 def prune(
-    run_name: Annotated[str, typer.Argument()],
+    run_name: RunArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the decision; change nothing.")] = False,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
@@ -260,7 +367,9 @@ def prune(
     from ckptflow.runs import get_run, run_settings
 
     settings = _settings(config)
-    ledger = _ledger(settings)
+    ledger = _readonly_ledger(settings) if dry_run else _ledger(settings, run_name)
+    if ledger is None:
+        raise _no_runs(run_name, settings)
     try:
         run_record = get_run(ledger, run_name)
         policy_settings = settings if config else run_settings(run_record)
@@ -286,7 +395,7 @@ def prune(
 @app.command()
 @_exits
 def export(
-    run_name: Annotated[str, typer.Argument()],
+    run_name: RunArg,
     step: Annotated[int | None, typer.Option("--step", help="Export this step instead of the best.")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Target directory: new, empty, or an earlier export (with --force).")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="Export the LoRA adapter only.")] = False,
@@ -308,11 +417,14 @@ def export(
     quiet_libraries()
     ledger = _ledger(settings)
     try:
-        recorded = run_settings(get_run(ledger, run_name))
+        run_record = get_run(ledger, run_name)
+        if step is not None and ledger.get_checkpoint(run_record.id, step) is None:  # refuse before the lease is taken
+            raise BadInputError(f"run {run_name!r} has no checkpoint at step {step}; `ckptflow checkpoints {run_name}` lists them")
+        recorded = run_settings(run_record)
     finally:
         ledger.close()
     recorded = recorded.model_copy(update={"home": settings.home, "ledger_url": settings.ledger_url})
-    with run_lease(recorded, run_name, lease_holder_id()):  # never beside a live training run of `run_name`
+    with run_lease(recorded, run_name, lease_holder_id()), _busy("exporting (merge, write, reload check) …"):
         result = export_run(
             recorded, run_name, step=step, out=out_dir, merge=False if no_merge else None, force=force
         )
@@ -323,6 +435,55 @@ def export(
 
 
 @app.command()
+@_exits
+def retrain(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Train a challenger even when the data did not change.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the retrain flow here (the same flow as the nightly deployment): challenger vs champion, promote or keep."""
+    err.print("ckptflow retrain: checking settings …", highlight=False)
+    from ckptflow import preflight
+
+    settings = _settings(config)
+    preflight.check_cheap(settings)
+    from ckptflow.quiet import quiet_libraries
+
+    quiet_libraries()
+    preflight.check_model(settings)
+    err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
+    from flows.retrain import retrain as retrain_flow
+
+    state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
+    if not state.is_completed():
+        raise CkptflowError(f"retrain ended {state.name}: {state.message or ''}".strip())
+    record = state.result()
+    if as_json:
+        _emit_json(_plain(record))
+        return
+    err.print(f"retrain: {record['action']} — {record['reason']}", highlight=False)
+
+
+@app.command()
+@_exits
+def rollback(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Make the previous champion of `retrain` the champion again (ledger, exports/champion.json, the symlink)."""
+    from ckptflow.promotion import rollback as roll_back
+
+    settings = _settings(config)
+    ledger = _ledger(settings)
+    try:
+        record = roll_back(ledger, settings.home)
+    finally:
+        ledger.close()
+    if as_json:
+        _emit_json(record.to_json())
+        return
+    err.print(f"rollback: {record.reason}", highlight=False)
+
+
+@app.command()
+@_exits
 def serve() -> None:
     """Serve the finetune and retrain deployments (flow.serve, no work pool needed)."""
     from deployments.serve import main as serve_main
@@ -331,10 +492,25 @@ def serve() -> None:
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A rich table on a terminal (values fold, never truncated); tab-separated lines in a pipe: copyable, greppable."""
+    if not out.is_terminal:
+        sys.stdout.write("\t".join(columns) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(_cell(row.get(c)) for c in columns) + "\n")
+        return
     table = Table(*columns)
+    for column in table.columns:
+        column.overflow = "fold"
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     out.print(table)
+
+
+def _busy(message: str):
+    """A spinner on stderr while a long operation runs (a terminal only; pipes get nothing)."""
+    from contextlib import nullcontext
+
+    return err.status(message) if err.is_terminal else nullcontext()
 
 
 def _cell(value: Any) -> str:

@@ -313,6 +313,51 @@ def _load_train_eval(data: DataSettings, seed: int) -> tuple[list[str], list[str
     )
 
 
+@dataclass(frozen=True)
+class SplitSizes:
+    """Rows of a run's train and eval sets after the split (what training will see)."""
+
+    train_rows: int
+    eval_rows: int
+    source: str
+
+
+def split_sizes(data: DataSettings, seed: int) -> SplitSizes:
+    """Load and split like `prepare_data`, but tokenize and write nothing. Raises DataError."""
+    train, eval_, source = _load_train_eval(data, seed)
+    return SplitSizes(len(train), len(eval_ or []), source)
+
+
+def check_split(data: DataSettings, sizes: SplitSizes, *, evaluates: bool) -> None:
+    """Refuse a split training cannot use: no eval rows while evaluation is on (HF would fail mid-run).
+
+    Every check of the number of rows lives here, so it runs before a run row is written.
+    """
+    if sizes.train_rows < 1:  # load_texts refuses an empty file; a hold-out always keeps one row
+        raise DataError(f"{data.train} has no training rows left after the split: add rows to it ({TRAIN_ENV})")
+    if not evaluates or sizes.eval_rows > 0:
+        return
+    turn_off = "or turn evaluation off with CKPTFLOW_CHECKPOINT__EVAL_STRATEGY=no and CKPTFLOW_CHECKPOINT__RETENTION=recent"
+    if data.eval_fraction <= 0:
+        raise DataError(
+            f"eval_fraction=0 holds out no eval rows from {data.train}, but evaluation is on: set "
+            f"CKPTFLOW_DATA__EVAL_FRACTION above 0 (e.g. 0.1), set {EVAL_ENV} to an eval file, {turn_off}"
+        )
+    raise DataError(
+        f"{data.train} has {sizes.train_rows} row(s): too few to hold out an eval set "
+        f"(eval_fraction={data.eval_fraction}) and still train: add rows (at least 2) to {TRAIN_ENV}, "
+        f"set {EVAL_ENV} to an eval file, {turn_off}"
+    )
+
+
+def fingerprint_only(data: DataSettings, *, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:
+    """The fingerprint `prepare_data` would give, without tokenizing or touching the cache."""
+    train, eval_, _ = _load_train_eval(data, seed)
+    return data_fingerprint(
+        train, eval_, tokenizer_id=tokenizer_identity(tokenizer), text_field=data.text_field, max_length=max_length
+    )
+
+
 def prepare_data(
     data: DataSettings, *, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int, cache_dir: Path
 ) -> PreparedData:

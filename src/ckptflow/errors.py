@@ -25,6 +25,14 @@ class FingerprintMismatchError(BadInputError):
     """A run was reopened with different config or data; the message shows what differs."""
 
 
+class LedgerError(BadInputError):
+    """The ledger cannot be used: bad URL, missing driver, not a database, or a schema this version cannot use."""
+
+
+class HomeError(BadInputError):
+    """CKPTFLOW_HOME cannot be used: a file, or not writable where ckptflow must write."""
+
+
 class RunNotFoundError(BadInputError):
     """No run of that name in the ledger."""
 
@@ -35,6 +43,10 @@ class RunLockedError(BadInputError):
 
 class LeaseLostError(RunLockedError):
     """This process's lease on a run was taken over: its writes to the run are refused (fencing)."""
+
+
+class LedgerUnavailableError(CkptflowError):
+    """The ledger's database server stayed unreachable through every retry of one short transaction."""
 
 
 class InsufficientDiskError(CkptflowError):

@@ -1,8 +1,9 @@
 """The run plan that `ckptflow plan` prints: chunks, save/eval points, what is kept, disk.
 
 Pure arithmetic over the checkpoint settings and numbers the caller measures (steps per
-epoch, bytes per checkpoint, free disk). What is kept comes from the real retention policy
-objects, so the plan agrees with what a real run keeps.
+epoch, bytes per checkpoint, free disk). The schedule (`schedule_for`: chunk ends, save and
+eval points) is the one the flow trains by and every chunk's trainer saves and evaluates by;
+what is kept comes from the real retention policy objects. So the plan is what a run does.
 """
 
 from __future__ import annotations
@@ -19,22 +20,26 @@ from ckptflow.policy import (
     decide_retention,
     format_bytes,
     retention_policy,
+    save_interval,
     save_policy,
 )
 
 if TYPE_CHECKING:
-    from ckptflow.settings import CheckpointSettings
+    from ckptflow.settings import CheckpointSettings, Settings
 
 __all__ = [
     "AtStep",
     "Chunk",
     "Plan",
+    "Schedule",
     "auto_chunk_steps",
     "chunk_plan",
     "eval_points",
     "estimate_checkpoint_bytes",
     "make_plan",
+    "run_schedule",
     "save_points",
+    "schedule_for",
 ]
 
 DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024  # free-disk margin when min_free_bytes is empty
@@ -90,24 +95,36 @@ class Plan:
         return asdict(self)
 
 
-def _save_interval(ck: CheckpointSettings, steps_per_epoch: int) -> int:
-    return ck.save_steps if ck.save_strategy == "steps" else steps_per_epoch
+@dataclass(frozen=True)
+class Schedule:
+    """When a run's chunks end, when it saves and when it evaluates.
+
+    The one schedule: `ckptflow plan` prints it, the flow trains its chunks, and every
+    chunk's trainer saves and evaluates exactly at its steps (training.ScheduleCallback).
+    """
+
+    total_steps: int
+    steps_per_epoch: int
+    chunks: list[Chunk]
+    save_points: list[int]
+    eval_points: list[int]
 
 
-def auto_chunk_steps(total_steps: int, save_steps: int) -> int:
-    """About `CHUNKS_PER_RUN` chunks, each a multiple of `save_steps` (so chunk ends are save
-    points) and at least `save_steps` long: T=4, save=2 → 2; T=10000, save=500 → 2500."""
-    if total_steps <= 0 or save_steps <= 0:
-        raise ValueError(f"total_steps and save_steps must be positive, got {total_steps} and {save_steps}")
+def auto_chunk_steps(total_steps: int, save_every: int) -> int:
+    """About `CHUNKS_PER_RUN` chunks, each a multiple of the save interval (so chunk ends are
+    save points) and at least one interval long: T=4, every 2 → 2; T=10000, every 500 → 2500."""
+    if total_steps <= 0 or save_every <= 0:
+        raise ValueError(f"total_steps and save_steps must be positive, got {total_steps} and {save_every}")
     target = math.ceil(total_steps / CHUNKS_PER_RUN)
-    return save_steps * max(1, math.ceil(target / save_steps))
+    return save_every * max(1, math.ceil(target / save_every))
 
 
-def chunk_plan(total_steps: int, chunk_steps: int, save_steps: int) -> list[Chunk]:
-    """Chunk k trains up to step min((k+1)·C, T); `chunk_steps=0` picks C automatically."""
+def chunk_plan(total_steps: int, chunk_steps: int, save_every: int) -> list[Chunk]:
+    """Chunk k trains up to step min((k+1)·C, T); `chunk_steps=0` picks C from `save_every`
+    (the save interval: `save_interval(ck, steps_per_epoch)`)."""
     if chunk_steps < 0:
         raise ValueError(f"chunk_steps must be 0 (auto) or positive, got {chunk_steps}")
-    size = chunk_steps or auto_chunk_steps(total_steps, save_steps)
+    size = chunk_steps or auto_chunk_steps(total_steps, save_every)
     count = math.ceil(total_steps / size)
     return [Chunk(k, k * size, min((k + 1) * size, total_steps)) for k in range(count)]
 
@@ -120,13 +137,32 @@ def save_points(total_steps: int, ck: CheckpointSettings, steps_per_epoch: int, 
 
 
 def eval_points(total_steps: int, ck: CheckpointSettings, steps_per_epoch: int) -> list[int]:
-    """Steps where HF evaluates: every eval_steps, or every epoch end (the last, possibly
-    partial, epoch included); [] when eval_strategy is `no`."""
-    if ck.eval_strategy == "no":
+    """Every eval_steps (or every epoch end) and the last step, as HF evaluates; [] when eval_strategy
+    is `no`. Never chunk ends: an evaluation draws from the RNG (its DataLoader's seed), so evaluating
+    at chunk ends would make the weights depend on chunk_steps."""
+    if not ck.evaluates:
         return []
-    if ck.eval_strategy == "steps":
-        return list(range(ck.eval_steps, total_steps + 1, ck.eval_steps))
-    return sorted({*range(steps_per_epoch, total_steps + 1, steps_per_epoch), total_steps})
+    every = ck.eval_steps if ck.eval_strategy == "steps" else steps_per_epoch
+    return sorted({*range(every, total_steps + 1, every), total_steps})
+
+
+def run_schedule(ck: CheckpointSettings, *, total_steps: int, steps_per_epoch: int, chunk_steps: int) -> Schedule:
+    """The schedule of a run of `total_steps` optimizer steps (`chunk_steps=0`: automatic chunks)."""
+    chunks = chunk_plan(total_steps, chunk_steps, save_interval(ck, steps_per_epoch))
+    saves = save_points(total_steps, ck, steps_per_epoch, chunks)
+    return Schedule(total_steps, steps_per_epoch, chunks, saves, eval_points(total_steps, ck, steps_per_epoch))
+
+
+def schedule_for(settings: Settings, *, total_steps: int, train_rows: int) -> Schedule:
+    """The schedule of a run with these settings over `train_rows` training rows (what the flow
+    and every chunk's trainer follow; `total_steps` is the run's, as recorded in the ledger)."""
+    from ckptflow.settings import steps_per_epoch
+
+    train = settings.train
+    per_epoch = steps_per_epoch(train_rows, train.batch_size, train.gradient_accumulation_steps)
+    return run_schedule(
+        settings.checkpoint, total_steps=total_steps, steps_per_epoch=per_epoch, chunk_steps=train.chunk_steps
+    )
 
 
 def estimate_checkpoint_bytes(
@@ -138,19 +174,16 @@ def estimate_checkpoint_bytes(
 
 def make_plan(
     ck: CheckpointSettings,
+    schedule: Schedule,
     *,
-    total_steps: int,
-    steps_per_epoch: int,
-    chunk_steps: int,
     bytes_per_checkpoint: int,
     free_bytes: int,
     at_step: int | None = None,
 ) -> Plan:
-    """Everything `ckptflow plan` shows, without training."""
-    # 1. when chunks end, when HF (and ckptflow) save and evaluate
-    chunks = chunk_plan(total_steps, chunk_steps, _save_interval(ck, steps_per_epoch))
-    saves = save_points(total_steps, ck, steps_per_epoch, chunks)
-    evals = eval_points(total_steps, ck, steps_per_epoch)
+    """Everything `ckptflow plan` shows, without training: `schedule` (from `schedule_for`, as the
+    run itself) plus what retention keeps, disk, and where a run that died at `at_step` resumes."""
+    # 1. when chunks end, when the run saves and evaluates: the schedule the run follows
+    saves = schedule.save_points
     # 2. what retention keeps at the end
     rule = _kept_rule(ck, saves)
     # Under best, metric values decide unless every save fits within the limit anyway.
@@ -161,14 +194,14 @@ def make_plan(
     needed = _disk_needed(ck, on_disk, len(saves), bytes_per_checkpoint)
     margin = DEFAULT_MIN_FREE_BYTES if ck.min_free_bytes is None else ck.min_free_bytes
     fits = needed + margin <= free_bytes
-    warnings = _warnings(ck, saves, evals, bytes_per_checkpoint, needed, margin, free_bytes, fits)
+    warnings = _warnings(ck, schedule, bytes_per_checkpoint, needed, margin, free_bytes, fits)
     at = _at_step(ck, saves, at_step, bytes_per_checkpoint) if at_step is not None else None
     return Plan(
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        chunks=chunks,
+        total_steps=schedule.total_steps,
+        steps_per_epoch=schedule.steps_per_epoch,
+        chunks=schedule.chunks,
         save_points=saves,
-        eval_points=evals,
+        eval_points=schedule.eval_points,
         kept_at_end=kept,
         rule=rule,
         bytes_per_checkpoint=bytes_per_checkpoint,
@@ -245,8 +278,7 @@ def _listed(steps: Sequence[int]) -> str:
 
 def _warnings(
     ck: CheckpointSettings,
-    saves: Sequence[int],
-    evals: Sequence[int],
+    schedule: Schedule,
     bytes_per_checkpoint: int,
     needed: int,
     margin: int,
@@ -266,12 +298,12 @@ def _warnings(
             f"({format_bytes(bytes_per_checkpoint)}): only protected checkpoints are kept and they exceed the budget; "
             "raise CKPTFLOW_CHECKPOINT__MAX_TOTAL_BYTES"
         )
-    unevaluated = sorted(set(saves) - set(evals))
+    unevaluated = sorted(set(schedule.save_points) - set(schedule.eval_points))
     if ck.retention == "best" and ck.evaluates and unevaluated:
+        grid = "CKPTFLOW_CHECKPOINT__EVAL_STEPS" if ck.eval_strategy == "steps" else f"one epoch ({schedule.steps_per_epoch} steps)"
         out.append(
-            f"saves at steps {_listed(unevaluated)} have no eval metric, so retention=best ranks them below every "
-            "evaluated checkpoint: make CKPTFLOW_TRAIN__CHUNK_STEPS and the total steps multiples of "
-            "CKPTFLOW_CHECKPOINT__EVAL_STEPS"
+            f"saves at chunk ends {_listed(unevaluated)} have no eval metric, so retention=best ranks them below every "
+            f"evaluated checkpoint: make CKPTFLOW_TRAIN__CHUNK_STEPS a multiple of {grid}, or 0 (auto)"
         )
     return out
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from ckptflow.settings import CheckpointSettings
@@ -38,10 +38,14 @@ __all__ = [
     "RetentionDecision",
     "RetentionPolicy",
     "SavePolicy",
+    "best_of",
     "best_step",
     "decide_retention",
     "format_bytes",
+    "metric_value",
+    "rank_best",
     "retention_policy",
+    "save_interval",
     "save_policy",
 ]
 
@@ -64,6 +68,9 @@ class CheckpointLike(Protocol):
 
     @property
     def bytes(self) -> int: ...
+
+
+C = TypeVar("C", bound=CheckpointLike)
 
 
 @dataclass(frozen=True)
@@ -101,7 +108,7 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _metric(checkpoint: CheckpointLike, metric: str) -> float | None:
+def metric_value(checkpoint: CheckpointLike, metric: str) -> float | None:
     """The checkpoint's finite value of `metric`, else None (missing, NaN, inf, not a number)."""
     value = (checkpoint.metrics or {}).get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -109,12 +116,14 @@ def _metric(checkpoint: CheckpointLike, metric: str) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _rank_best(checkpoints: Iterable[CheckpointLike], metric: str, greater_is_better: bool) -> list[CheckpointLike]:
-    """Best first. Ties go to the earliest step (only strictly better replaces, as in HF);
-    checkpoints without a finite metric come last, newest first among them."""
+def rank_best(checkpoints: Iterable[C], metric: str, greater_is_better: bool) -> list[C]:
+    """THE ranking of checkpoints by a metric, best first — retention, export, `runs` and
+    `checkpoints` all use it. Ties go to the earliest step (only strictly better replaces, as in
+    HF); checkpoints without a finite metric come last, newest first among them (so with no
+    metrics at all, the newest is "best": what export picks when nothing is evaluated)."""
 
     def key(c: CheckpointLike) -> tuple[int, float, int]:
-        v = _metric(c, metric)
+        v = metric_value(c, metric)
         if v is None:
             return (1, 0.0, -c.step)
         return (0, -v if greater_is_better else v, c.step)
@@ -122,10 +131,16 @@ def _rank_best(checkpoints: Iterable[CheckpointLike], metric: str, greater_is_be
     return sorted(checkpoints, key=key)
 
 
-def best_step(checkpoints: Sequence[CheckpointLike], metric: str, greater_is_better: bool) -> int | None:
+def best_of(checkpoints: Iterable[C], metric: str, greater_is_better: bool) -> C | None:
+    """The best checkpoint by `metric` (`rank_best`'s first); None when none has a finite value."""
+    ranked = rank_best(checkpoints, metric, greater_is_better)
+    return ranked[0] if ranked and metric_value(ranked[0], metric) is not None else None
+
+
+def best_step(checkpoints: Iterable[CheckpointLike], metric: str, greater_is_better: bool) -> int | None:
     """Step of the best checkpoint by `metric`; None when none has a finite value."""
-    ranked = _rank_best(checkpoints, metric, greater_is_better)
-    return ranked[0].step if ranked and _metric(ranked[0], metric) is not None else None
+    best = best_of(checkpoints, metric, greater_is_better)
+    return best.step if best is not None else None
 
 
 # -- preservation policies --------------------------------------------------------------
@@ -162,10 +177,10 @@ class ProtectBest:
     greater_is_better: bool
 
     def preserve(self, checkpoints: Sequence[CheckpointLike]) -> dict[int, str]:
-        ranked = _rank_best(checkpoints, self.metric, self.greater_is_better)
-        if not ranked or (value := _metric(ranked[0], self.metric)) is None:
+        best = best_of(checkpoints, self.metric, self.greater_is_better)
+        if best is None:
             return {}
-        return {ranked[0].step: f"best {self.metric}={value:.4g}"}
+        return {best.step: f"best {self.metric}={metric_value(best, self.metric):.4g}"}
 
     def why_not(self, checkpoint: CheckpointLike) -> str:
         return f"not the best by {self.metric}"
@@ -209,12 +224,12 @@ class KeepBest:
     greater_is_better: bool
 
     def preserve(self, checkpoints: Sequence[CheckpointLike]) -> dict[int, str]:
-        ranked = _rank_best(checkpoints, self.metric, self.greater_is_better)
+        ranked = rank_best(checkpoints, self.metric, self.greater_is_better)
         reason = "no save_total_limit (all kept)" if self.n is None else f"top-{self.n} by {self.metric}"
         return {c.step: reason for c in ranked[: self.n]}
 
     def why_not(self, checkpoint: CheckpointLike) -> str:
-        missing = "" if _metric(checkpoint, self.metric) is not None else f" (no finite {self.metric})"
+        missing = "" if metric_value(checkpoint, self.metric) is not None else f" (no finite {self.metric})"
         return f"not among the {self.n} best by {self.metric}{missing}"
 
 
@@ -411,7 +426,11 @@ def save_policy(ck: CheckpointSettings, steps_per_epoch: int) -> SavePolicy:
 
     Chunk-boundary saves are composed on top by the caller (`AnySave((save_policy(...), AtSteps(...)))`).
     """
+    return AnySave((EveryNSteps(save_interval(ck, steps_per_epoch)), FinalStep()))
+
+
+def save_interval(ck: CheckpointSettings, steps_per_epoch: int) -> int:
+    """Optimizer steps between HF's saves: `save_steps`, or one epoch under save_strategy=epoch."""
     if steps_per_epoch <= 0:
         raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
-    interval = ck.save_steps if ck.save_strategy == "steps" else steps_per_epoch
-    return AnySave((EveryNSteps(interval), FinalStep()))
+    return ck.save_steps if ck.save_strategy == "steps" else steps_per_epoch

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from ckptflow.errors import BadInputError, NoCheckpointError
 from ckptflow.integrity import quarantine, verify_checkpoint
 from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger, RunRecord
+from ckptflow.policy import rank_best
 from ckptflow.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def rank_checkpoints(checkpoints: list[CheckpointRecord], settings: Settings) -> list[CheckpointRecord]:
-    """Best first by the metric (finite values only, ties → earlier step), then the rest newest first."""
-    ck = settings.checkpoint
-    key = ck.metric_key
-    scored = [c for c in checkpoints if isinstance(c.metrics.get(key), int | float) and math.isfinite(c.metrics[key])]
-    sign = -1.0 if ck.greater_is_better else 1.0
-    scored.sort(key=lambda c: (sign * c.metrics[key], c.step))
-    rest = sorted((c for c in checkpoints if c not in scored), key=lambda c: -c.step)
-    return scored + rest if ck.evaluates else sorted(checkpoints, key=lambda c: -c.step)
 
 
 def choose_checkpoint(
@@ -39,7 +28,9 @@ def choose_checkpoint(
         if not committed:
             raise BadInputError(f"run {run.name!r} has no committed checkpoint at step {step}; see `ckptflow checkpoints {run.name}`")
     notes: list[str] = []
-    for candidate in rank_checkpoints(committed, settings):
+    ck = settings.checkpoint
+    # Best first by the metric; with evaluation off no checkpoint has one, so the newest comes first.
+    for candidate in rank_best(committed, ck.metric_key, ck.greater_is_better):
         problems = verify_checkpoint(Path(candidate.path), candidate.manifest_sha256)
         if not problems:
             return candidate, notes

@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,16 +52,32 @@ def metrics_at_step(log_history: list[dict[str, Any]], step: int) -> dict[str, f
     return out
 
 
-class ChunkStopCallback(TrainerCallback):
-    """Stop at the chunk's last step and force a save there (the next chunk's resume point)."""
+class ScheduleCallback(TrainerCallback):
+    """Save and evaluate exactly at the run's schedule (planning.schedule_for, what `ckptflow plan`
+    prints), and stop at the chunk's last step, which is a save point (the next chunk's resume point).
 
-    def __init__(self, end_step: int) -> None:
+    Runs after HF's DefaultFlowCallback and has the last word: on its own, after a chunk stop HF
+    runs `on_epoch_end`, which under save_strategy=epoch saves the chunk end a second time and
+    evaluates it — an evaluation that draws from the RNG, so the weights would depend on chunk_steps.
+    """
+
+    def __init__(self, save_points: Collection[int], eval_points: Collection[int], end_step: int) -> None:
+        if end_step not in save_points:
+            raise ValueError(f"chunk end {end_step} is not a save point of the run's schedule")
+        self.save_points = frozenset(save_points)
+        self.eval_points = frozenset(eval_points)
         self.end_step = end_step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        control.should_save = state.global_step in self.save_points
+        control.should_evaluate = state.global_step in self.eval_points
         if state.global_step >= self.end_step:
-            control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        # Decided for this step at its on_step_end already (an epoch ends on an optimizer step).
+        control.should_save = control.should_evaluate = False
         return control
 
 

@@ -55,8 +55,10 @@ def _needles(values: list[str]) -> list[bytes]:
 
 
 def test_no_secret_in_home_export_ledger_prefect_db_or_output(postgres_server, tmp_path):
-    database = postgres_server.create_database()
-    ledger_url = postgres_server.url_for(database)
+    from sqlalchemy.engine import make_url
+
+    ledger_url = postgres_server.create_database()  # a fresh database: its URL carries the role's password
+    database = make_url(ledger_url).database
     aws_key_id = "AKIA" + secrets.token_hex(8).upper()
     aws_secret = "leak-" + secrets.token_urlsafe(30)
     wrong_password = "wrong-" + secrets.token_hex(12)

@@ -1,4 +1,5 @@
-"""Several processes on one SQLite ledger: two runs train at once; one run never has two writers."""
+"""Several `ckptflow run` processes (the real flow) on one SQLite ledger: two runs train at once;
+one run never has two writers."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def test_second_writer_on_the_same_run_is_refused_before_training(home):
         assert "Traceback" not in second.stderr
         assert "Beginning flow run" not in second.stderr  # refused before Prefect (and any training) started
 
-        # 2. The library path (a second driver process) is refused the same way.
+        # 2. A second forked `ckptflow run` (Prefect already imported, as in `ckptflow serve`) is refused the same way.
         third = Driver(home, "held")
         assert third.wait() == 2 and "already being trained" in third.output()
 
@@ -81,12 +82,14 @@ def test_second_writer_on_the_same_run_is_refused_before_training(home):
         watcher.close()
 
 
-def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home, prefect_harness):
+def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home):
     """The authoritative check (two `ckptflow run` may both pass the CLI's early one): the flow's lease."""
     from ckptflow.errors import RunLockedError
     from flows.finetune import finetune
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.drills import DRILL_ENV
+    from tests.drills import DRILL_ENV, session_server
 
     watcher = Watcher(home, "held")
     holder = Driver(home, "held", pause_env("step-end", 1))
@@ -96,8 +99,10 @@ def test_the_flow_itself_refuses_a_run_whose_lease_is_held(home, prefect_harness
         overrides.setdefault(group, {})[field] = value
     try:
         before = watcher.wait_for(lambda s: s.lease is not None and s.running(0) is not None, holder, "lease held")
-        with pytest.raises(RunLockedError, match="already being trained"):
-            finetune(run_name="held", overrides=overrides)
+        with temporary_settings({PREFECT_API_URL: session_server().api_url}):  # the drills' server, in this process
+            with pytest.raises(RunLockedError, match="already being trained"):
+                finetune(run_name="held", overrides=overrides)
+            APILogWorker.drain_all()  # now, while the session's server still runs (not at interpreter exit)
         after = watcher.state()
         assert after.attempts == before.attempts and after.rows == before.rows and after.lease == before.lease
     finally:

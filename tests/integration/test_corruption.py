@@ -76,6 +76,7 @@ def _verify_fails_naming(home: Path, name: str, expected: str) -> None:
     proc = cli("verify", name, home=home)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert expected in proc.stderr, proc.stderr
+    assert proc.stderr.count(expected) == 1, proc.stderr  # said once, not repeated
 
 
 def _resume_and_check(home: Path, name: str, resumed_from: int, mentioned: str) -> None:

@@ -1,9 +1,10 @@
 """Kill it anywhere, run it again, get the same weights.
 
-Each case SIGKILLs a real training process at a moment chosen by watching the ledger and
-the files (a `fault.pause_at` only makes the moment last long enough to be seen), checks
-that nothing committed is partial, runs the same run again to completion and compares the
-final adapter (checkpoint-8) and the export with an uninterrupted run: max |Δ| must be 0.0.
+Each case SIGKILLs a real `ckptflow run` process (the `finetune` flow, reporting to the
+session's Prefect server) at a moment chosen by watching the ledger and the files (a
+`fault.pause_at` only makes the moment last long enough to be seen), checks that nothing
+committed is partial, runs the same command again to completion and compares the final
+adapter (checkpoint-8) and the export with an uninterrupted run: max |Δ| must be 0.0.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tests.drills import (
     full_verify,
     pause_env,
     run_driver,
+    session_server,
 )
 from tests.helpers import ADAPTER_FILE
 
@@ -235,14 +237,7 @@ def test_export_moved_aside_by_a_killed_non_atomic_swap_is_restored(tmp_path):
     assert sorted(p.name for p in target.parent.iterdir()) == ["r"]
 
 
-@pytest.fixture
-def prefect_api_url(prefect_harness):
-    from prefect.settings import PREFECT_API_URL
-
-    return PREFECT_API_URL.value()
-
-
-def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home, prefect_api_url):
+def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home):
     import psutil
 
     env = {
@@ -250,7 +245,7 @@ def test_kill_whole_ckptflow_run_process_group_then_same_command_resumes(home, p
         "CKPTFLOW_TRAIN__CHUNK_STEPS": "8",  # one chunk: one child process per `ckptflow run`
         "CKPTFLOW_TRAIN__LAUNCHER": "subprocess",
         "CKPTFLOW_TRAIN__RETRY_DELAY_SECONDS": "0",
-        "PREFECT_API_URL": prefect_api_url,
+        **session_server().env,
     }
     watcher = Watcher(home, "group")
     proc = cli(

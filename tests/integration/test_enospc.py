@@ -1,6 +1,6 @@
 """A real full disk: CKPTFLOW_HOME/runs on a small tmpfs that the test fills while a save begins.
 
-The save fails with ENOSPC for real (no mocks): nothing partial is committed, the partial
+`ckptflow run` (the real flow) saves; the save fails with ENOSPC for real (no mocks): nothing partial is committed, the partial
 checkpoint is quarantined, the attempt fails saying how much space is needed; after the
 filler file is deleted the same run resumes from the last committed checkpoint and ends
 bit-identical to an uninterrupted run.
@@ -82,7 +82,7 @@ def test_disk_full_during_a_save_then_rerun_after_freeing_space(home, small_disk
     assert failed.status == AttemptStatus.FAILED
     assert re.search(r"disk full while saving checkpoint-4 .* free at least [\d.]+ (B|kB|MB|GB|TB) more", failed.error), failed.error
     assert "resumes from checkpoint-2" in failed.error
-    assert "free at least" in out and "InsufficientDiskError" in out
+    assert "free at least" in out  # `ckptflow run` (its log of the failed chunk) says how much to free
 
     # 3. Free the space; the same run resumes from checkpoint-2 and ends bit-identical.
     (small_disk / "filler.bin").unlink()

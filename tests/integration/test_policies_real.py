@@ -13,9 +13,10 @@ import pytest
 from ckptflow.chunks import run_chunk
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.ledger import CheckpointState, Ledger
-from ckptflow.planning import chunk_plan
 from ckptflow import pipeline
-from ckptflow.policy import best_step
+from ckptflow.planner import plan_for_settings
+from ckptflow.planning import chunk_plan
+from ckptflow.policy import Ckpt, best_step, decide_retention, retention_policy
 from ckptflow.training import InjectedFault
 
 from tests.helpers import checkpoint_dirs_on_disk, committed_steps, job_for, settings_for, train_without_prefect
@@ -162,3 +163,69 @@ def test_free_space_guard_refuses_a_save_and_loses_nothing(home):
     assert checkpoint_dirs_on_disk(settings, run.name) == [2]
     run_chunk(job_for(settings, run.name, second))  # space is back: resumes from 2 and finishes
     assert committed_steps(settings, run.name) == [2, 4]
+
+
+# -- plan == the real run ------------------------------------------------------------------
+# Each config trained for real (tiny model, the demo's 4 train rows, batch 2 unless said) and
+# compared with its plan exactly: (settings, expected chunk ends, save points, eval points).
+PLAN_EQUALS_RUN = {
+    "steps": ({}, [2, 4], [2, 4], [2, 4]),
+    "save-strategy-epoch": (
+        {"train": {"epochs": 3, "chunk_steps": 3},
+         "checkpoint": {"save_strategy": "epoch", "eval_strategy": "epoch", "retention": "recent"}},
+        [3, 6], [2, 3, 4, 6], [2, 4, 6],  # saves: epoch ends 2, 4, 6 and the chunk end 3 (not evaluated)
+    ),
+    "chunk-steps-off-the-save-grid": (
+        {"train": {"max_steps": 6, "chunk_steps": 3}, "checkpoint": {"save_total_limit": 3}},
+        [3, 6], [2, 3, 4, 6], [2, 4, 6],  # 4 saves > limit 3: the metrics decide what is kept; 3 has none
+    ),
+    "total-steps-below-eval-steps": (
+        {"train": {"max_steps": 3}, "checkpoint": {"save_steps": 4, "eval_steps": 4}},
+        [3], [3], [3],
+    ),
+    "gradient-accumulation": (
+        {"train": {"batch_size": 1, "gradient_accumulation_steps": 3, "chunk_steps": 3}, "checkpoint": {"eval_steps": 1}},
+        [3, 4], [2, 3, 4], [1, 2, 3, 4],  # 4 batches/epoch = steps of 3 + 1 micro-batches; resumes mid-epoch at 3
+    ),
+}
+
+
+def _real_run(settings, name: str) -> dict:
+    """What the run really did: attempts (chunks), saves, evaluations, and what is kept at the end."""
+    with Ledger(settings.ledger) as ledger:
+        run = ledger.get_run(name)
+        rows = ledger.checkpoints(run.id)
+        attempts = ledger.attempts(run.id)
+    final = settings.checkpoints_dir(name) / f"checkpoint-{run.total_steps}" / "trainer_state.json"
+    history = json.loads(final.read_text())["log_history"]  # carried over every resume: the whole run
+    return {
+        "total_steps": run.total_steps,
+        "chunks": [(a.start_step, a.end_step) for a in attempts],
+        "save_points": [c.step for c in rows],
+        "eval_points": [e["step"] for e in history if "eval_loss" in e],
+        "kept": [c.step for c in rows if c.state == CheckpointState.COMMITTED],
+        "metrics": {c.step: c.metrics for c in rows},
+    }
+
+
+@pytest.mark.parametrize("config", list(PLAN_EQUALS_RUN))
+def test_plan_equals_the_real_run(home, config):
+    overrides, chunk_ends, saves, evals = PLAN_EQUALS_RUN[config]
+    settings = settings_for(home, **overrides)
+    plan = plan_for_settings(settings)
+    real = _real_run(settings, train_without_prefect(settings, config))
+
+    assert [c.end_step for c in plan.chunks] == chunk_ends
+    assert real["total_steps"] == plan.total_steps
+    assert real["chunks"] == [(c.start_step, c.end_step) for c in plan.chunks]
+    assert real["save_points"] == plan.save_points == saves
+    assert real["eval_points"] == plan.eval_points == evals  # each once: no second save/eval at an epoch end
+    assert [s for s in saves if "eval_loss" in real["metrics"][s]] == [s for s in saves if s in evals]
+    if isinstance(plan.kept_at_end, list):
+        assert real["kept"] == plan.kept_at_end
+    else:  # retention=best over more saves than the limit: the plan's rule, applied to the real metrics
+        ranked = [Ckpt(s, real["metrics"][s]) for s in plan.save_points]
+        assert real["kept"] == decide_retention(retention_policy(settings.checkpoint), ranked).kept_steps
+        assert len(real["kept"]) <= settings.checkpoint.save_total_limit + 1
+    unevaluated = settings.checkpoint.retention == "best" and bool(set(saves) - set(evals))
+    assert any("have no eval metric" in w for w in plan.warnings) == unevaluated

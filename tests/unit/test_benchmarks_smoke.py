@@ -46,6 +46,19 @@ def test_benchmark_quick_mode_prints_its_tables(script, tmp_path):
     doc = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert doc["quick"] is True and doc["machine"]["cpus"] and len(doc["loadavg_end"]) == 3
     assert (tmp_path / "results" / f"{name}.md").read_text().startswith("### ")
+    if script == "bench_integrity.py":  # `make test` never drops the machine's page cache
+        assert doc["data"]["dropped_caches"] is False and "NOT dropped (no --drop-caches" in proc.stdout
+
+
+def test_only_make_bench_asks_to_drop_the_page_cache():
+    """Dropping caches is opt-in (`--drop-caches`), and only the Makefile's bench recipe passes it."""
+    target, passing = None, set()
+    for line in (BENCH.parent / "Makefile").read_text().splitlines():
+        if line and not line.startswith(("\t", "#", " ")) and ":" in line:
+            target = line.split(":")[0]
+        elif line.startswith("\t") and "--drop-caches" in line:
+            passing.add(target)
+    assert passing == {"bench"}
 
 
 def test_run_all_writes_a_summary(tmp_path):

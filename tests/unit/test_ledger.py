@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, insert, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
 from ckptflow.errors import LeaseLostError, RunLockedError
@@ -35,6 +36,14 @@ def url(tmp_path):
 @pytest.fixture
 def ledger(url):
     led = Ledger(url)
+    yield led
+    led.close()
+
+
+@pytest.fixture
+def any_ledger(ledger_url):
+    """A ledger on each backend (tests/conftest.py `ledger_url`: a SQLite file, a real PostgreSQL database)."""
+    led = Ledger(ledger_url)
     yield led
     led.close()
 
@@ -242,7 +251,8 @@ def test_exports_round_trip(ledger):
 
 
 # -- leases -------------------------------------------------------------------------------
-def test_live_holder_is_refused(ledger):
+def test_live_holder_is_refused(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     ledger.acquire_lease(run.id, "flow-1")
     ledger.acquire_lease(run.id, "flow-1")  # re-acquire own lease: fine
@@ -258,7 +268,8 @@ def test_live_holder_is_refused(ledger):
         ledger.heartbeat(run.id, "flow-1")
 
 
-def test_dead_pid_holder_is_taken_over(ledger, url):
+def test_dead_pid_holder_is_taken_over(any_ledger, ledger_url):
+    ledger, url = any_ledger, ledger_url
     run = _run(ledger)
     code = f"from ckptflow.ledger import Ledger; Ledger({url!r}).acquire_lease({run.id}, 'child')"
     subprocess.run([sys.executable, "-c", code], check=True)  # acquires, exits, is reaped
@@ -267,7 +278,8 @@ def test_dead_pid_holder_is_taken_over(ledger, url):
     assert ledger.lease_holder(run.id) == "parent"
 
 
-def test_stale_heartbeat_is_taken_over(ledger):
+def test_stale_heartbeat_is_taken_over(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     ledger.acquire_lease(run.id, "other-host-flow")
     with ledger._write.begin() as s:  # pretend it lives on another host and went silent
@@ -313,7 +325,8 @@ def test_rows_follow_the_home_they_are_opened_with(tmp_path):
 
 
 # -- fencing --------------------------------------------------------------------------------
-def test_every_acquisition_increments_the_token(ledger):
+def test_every_acquisition_increments_the_token(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     tokens = [ledger.take_lease(run.id, "a").fence.token]
     tokens.append(ledger.take_lease(run.id, "a").fence.token)  # own lease again: a new acquisition
@@ -360,7 +373,8 @@ def _dump(url: str) -> list[tuple]:
 
 
 @pytest.mark.parametrize("write", list(FENCED_WRITES), ids=list(FENCED_WRITES))
-def test_a_holder_whose_lease_was_taken_over_cannot_write(ledger, url, write):
+def test_a_holder_whose_lease_was_taken_over_cannot_write(any_ledger, ledger_url, write):
+    ledger, url = any_ledger, ledger_url
     run = _run(ledger)
     ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")
     ledger.start_attempt(run.id, chunk=0, start_step=0, end_step=2, resumed_from_step=None)
@@ -373,7 +387,8 @@ def test_a_holder_whose_lease_was_taken_over_cannot_write(ledger, url, write):
     FENCED_WRITES[write](ledger, run, current)  # the new holder writes fine
 
 
-def test_the_fence_this_process_holds_applies_to_every_write(ledger):
+def test_the_fence_this_process_holds_applies_to_every_write(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     stale = _stale_fence(ledger, run)
     with holding(ledger.url, stale), pytest.raises(LeaseLostError):
@@ -381,7 +396,8 @@ def test_the_fence_this_process_holds_applies_to_every_write(ledger):
     ledger.begin_checkpoint(run.id, 2, "/x/checkpoint-2")  # outside: an unfenced writer (no lease in use)
 
 
-def test_heartbeat_with_an_old_token_fails_even_for_the_same_holder(ledger):
+def test_heartbeat_with_an_old_token_fails_even_for_the_same_holder(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     first = ledger.take_lease(run.id, "me").fence
     ledger.take_lease(run.id, "me")
@@ -396,41 +412,69 @@ def _age_heartbeat(url: str, run_id: int, seconds: float) -> None:
     engine.dispose()
 
 
-def _contend(url: str, run_id: int, holder: str, start, done, results) -> None:
+# Contenders per trial, and trials per backend (the must-show: >= 6 processes, >= 50 trials, one winner each).
+RACERS = 6
+RACE_TRIALS = 50
+
+
+def _racer(url: str, run_id: int, holder: str, trials: int, barrier, results) -> None:
+    """One contender, reused across trials: at each trial all racers leave the barrier together and take the lease."""
     led = Ledger(url)
-    start.wait()
     try:
-        results.put((holder, led.take_lease(run_id, holder).fence.token))
-    except RunLockedError:
-        results.put((holder, None))
+        for trial in range(trials):
+            barrier.wait(timeout=120)  # the parent made the lease stale; everyone goes at once
+            try:
+                results.put((trial, holder, led.take_lease(run_id, holder).fence.token))
+            except RunLockedError:
+                results.put((trial, holder, None))
+            except Exception as exc:  # reported to the parent, which fails the test with it
+                results.put((trial, holder, f"{type(exc).__name__}: {exc}"))
     finally:
         led.close()
-    done.wait()  # stay alive until every contender tried: a winner whose pid is gone may be taken over
 
 
 @pytest.mark.slow
-def test_processes_taking_over_one_stale_lease_at_once_have_exactly_one_winner(ledger, url):
-    """Not timing: whoever wins the compare-and-swap owns token n+1; the others then see a live holder."""
+def test_processes_taking_over_one_stale_lease_at_once_have_exactly_one_winner(any_ledger, ledger_url):
+    """Not timing: whoever wins the compare-and-swap owns token n+1; the others then see a live holder.
+
+    The racers stay alive across trials (so a winner's pid is never dead), and every trial
+    starts with the lease held by "stale", which stopped heartbeating an hour ago.
+    """
+    ledger, url = any_ledger, ledger_url
     run = _run(ledger)
-    ctx = multiprocessing.get_context("fork")
-    for trial in range(5):
-        stale_token = ledger.take_lease(run.id, "stale", ttl_seconds=0).fence.token
-        _age_heartbeat(url, run.id, seconds=3600)  # "stale" stopped heartbeating an hour ago
-        start, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
-        procs = [ctx.Process(target=_contend, args=(url, run.id, f"p{i}", start, done, results)) for i in range(6)]
-        for p in procs:
-            p.start()
-        start.set()
-        outcomes = [results.get(timeout=60) for _ in procs]
-        done.set()
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(RACERS + 1), ctx.Queue()
+    procs = [
+        ctx.Process(target=_racer, args=(url, run.id, f"p{i}", RACE_TRIALS, barrier, results), daemon=True)
+        for i in range(RACERS)
+    ]
+    for p in procs:
+        p.start()
+    outcomes, t0 = [], time.perf_counter()
+    try:
+        for trial in range(RACE_TRIALS):
+            stale_token = ledger.take_lease(run.id, "stale", ttl_seconds=0).fence.token  # from the last winner
+            _age_heartbeat(url, run.id, seconds=3600)
+            barrier.wait(timeout=120)
+            got = sorted((results.get(timeout=60) for _ in procs), key=lambda r: r[1])
+            assert {t for t, _, _ in got} == {trial}, got
+            winners = [(h, tok) for _, h, tok in got if tok is not None]
+            outcomes.append((stale_token, winners, ledger.lease_holder(run.id)))
+    finally:
+        barrier.abort()  # racers still waiting (a failed trial) leave at once
         for p in procs:
             p.join(timeout=60)
-        winners = [(h, t) for h, t in outcomes if t is not None]
-        assert len(winners) == 1, (trial, outcomes)
-        assert winners[0][1] == stale_token + 1 and ledger.lease_holder(run.id) == winners[0][0]
+    elapsed = time.perf_counter() - t0
+    for trial, (stale_token, winners, holder) in enumerate(outcomes):
+        assert len(winners) == 1, (trial, winners)
+        assert winners[0] == (holder, stale_token + 1), (trial, winners, holder)
+    assert len(outcomes) == RACE_TRIALS and [p.exitcode for p in procs] == [0] * RACERS
+    print(f"lease race on {make_url(url).get_backend_name()}: {RACE_TRIALS} trials x {RACERS} processes, "
+          f"one winner each, {elapsed:.1f}s")
 
 
-def test_promotion_leaves_exactly_one_promoted_export(ledger):
+def test_promotion_leaves_exactly_one_promoted_export(any_ledger):
+    ledger = any_ledger
     run = _run(ledger)
     ck = ledger.commit_checkpoint(run.id, 4, epoch=1.0, metrics={}, bytes=1, manifest_sha256="s", path="/c/checkpoint-4")
     ids = [ledger.record_export(run.id, checkpoint_id=ck.id, path=f"/e/{i}", merged=True, metrics={}).id for i in range(3)]
@@ -465,7 +509,8 @@ def _writer(url: str, tag: str, start, errors) -> None:
         raise
 
 
-def test_two_processes_write_concurrently_without_lock_errors(url):
+def test_two_processes_write_concurrently_without_lock_errors(ledger_url):
+    url = ledger_url
     ctx = multiprocessing.get_context("spawn")
     start, errors = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_writer, args=(url, tag, start, errors)) for tag in ("a", "b")]

@@ -15,9 +15,11 @@ from ckptflow.planning import (
     estimate_checkpoint_bytes,
     eval_points,
     make_plan,
+    run_schedule,
     save_points,
+    schedule_for,
 )
-from ckptflow.settings import CheckpointSettings
+from ckptflow.settings import CheckpointSettings, load_settings
 
 MB = 1_000_000
 GB = 1_000_000_000
@@ -28,9 +30,7 @@ def plan(at_step=None, *, total=10000, per_epoch=10000, chunk=0, size=MB, free=1
     ck = CheckpointSettings(**settings)
     return make_plan(
         ck,
-        total_steps=total,
-        steps_per_epoch=per_epoch,
-        chunk_steps=chunk,
+        run_schedule(ck, total_steps=total, steps_per_epoch=per_epoch, chunk_steps=chunk),
         bytes_per_checkpoint=size,
         free_bytes=free,
         at_step=at_step,
@@ -93,13 +93,30 @@ def test_save_points(settings, total, per_epoch, chunk_ends, expected):
     ("settings", "total", "per_epoch", "expected"),
     [
         (dict(eval_steps=2), 4, 2, [2, 4]),
-        (dict(eval_steps=3), 10, 5, [3, 6, 9]),
+        (dict(eval_steps=3), 10, 5, [3, 6, 9, 10]),  # HF evaluates the last step too
+        (dict(eval_steps=5), 3, 5, [3]),  # fewer steps than eval_steps: the end is evaluated
         (dict(eval_strategy="epoch"), 10, 4, [4, 8, 10]),  # the last, partial epoch ends at 10
         (dict(eval_strategy="no", retention="recent"), 10, 4, []),
     ],
 )
 def test_eval_points(settings, total, per_epoch, expected):
     assert eval_points(total, CheckpointSettings(**settings), per_epoch) == expected
+
+
+@pytest.mark.parametrize(
+    ("train", "checkpoint", "rows", "total", "expected"),
+    [
+        # (train settings, checkpoint settings, train rows, total steps) → (steps/epoch, chunk ends, saves, evals)
+        ({}, {}, 4, 4, (2, [2, 4], [2, 4], [2, 4])),
+        ({"chunk_steps": 3}, {}, 4, 4, (2, [3, 4], [2, 3, 4], [2, 4])),  # chunk ends are not evaluated
+        ({"gradient_accumulation_steps": 3, "batch_size": 1}, {}, 5, 4, (2, [2, 4], [2, 4], [2, 4])),
+        # save_strategy=epoch: auto chunks are whole epochs (not save_steps long)
+        ({}, {"save_strategy": "epoch", "eval_strategy": "epoch", "save_steps": 1}, 12, 12, (6, [6, 12], [6, 12], [6, 12])),
+    ],
+)
+def test_schedule_for_settings(home, train, checkpoint, rows, total, expected):
+    s = schedule_for(load_settings(train=train, checkpoint=checkpoint), total_steps=total, train_rows=rows)
+    assert (s.steps_per_epoch, [c.end_step for c in s.chunks], s.save_points, s.eval_points) == expected
 
 
 @pytest.mark.parametrize(
@@ -192,8 +209,22 @@ def test_epoch_strategy():
 def test_chunk_ends_off_eval_grid_warn_under_best():
     p = plan(total=10, per_epoch=10, chunk=3, save_steps=2, eval_steps=2)
     assert p.save_points == [2, 3, 4, 6, 8, 9, 10]
+    assert p.eval_points == [2, 4, 6, 8, 10]  # the last step is evaluated (as HF does), chunk ends are not
     [warning] = p.warnings
-    assert "saves at steps 3, 9 have no eval metric" in warning and "CKPTFLOW_TRAIN__CHUNK_STEPS" in warning
+    assert "saves at chunk ends 3, 9 have no eval metric" in warning
+    assert "CKPTFLOW_TRAIN__CHUNK_STEPS a multiple of CKPTFLOW_CHECKPOINT__EVAL_STEPS" in warning
+
+
+def test_last_step_off_the_eval_grid_is_evaluated_so_no_warning():
+    p = plan(total=5, per_epoch=5, save_steps=2, eval_steps=2)
+    assert (p.save_points, p.eval_points, p.warnings) == ([2, 4, 5], [2, 4, 5], [])
+
+
+def test_epoch_strategy_chunk_end_off_the_epoch_warns_in_epochs():
+    p = plan(total=6, per_epoch=2, chunk=3, save_strategy="epoch", eval_strategy="epoch", save_total_limit=2)
+    assert (p.save_points, p.eval_points) == ([2, 3, 4, 6], [2, 4, 6])
+    [warning] = p.warnings
+    assert "saves at chunk ends 3 have" in warning and "a multiple of one epoch (2 steps)" in warning
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ from ckptflow.policy import (
     best_step,
     decide_retention,
     format_bytes,
+    metric_value,
+    rank_best,
     retention_policy,
     save_policy,
 )
@@ -73,6 +75,24 @@ def test_best_step(rows, greater, expected):
 def test_best_step_ignores_non_numeric_and_other_metrics():
     checkpoints = [Ckpt(2, {"eval_loss": "0.1"}), Ckpt(4, {"eval_entropy": 0.1}), Ckpt(6, {"eval_loss": 3.0})]
     assert best_step(checkpoints, "eval_loss", False) == 6
+
+
+@pytest.mark.parametrize(
+    ("rows", "greater", "order"),
+    [
+        ([(2, 1.0), (4, 0.5), (6, 0.7)], False, [4, 6, 2]),
+        ([(2, 1.0), (4, 0.5), (6, 0.7)], True, [2, 6, 4]),
+        ([(2, 0.5), (6, 0.5), (4, 0.5)], False, [2, 4, 6]),  # ties → earlier first
+        ([(2, None), (4, 0.9), (6, None), (8, NAN)], False, [4, 8, 6, 2]),  # no finite metric: last, newest first
+        ([(2, None), (10, None), (4, None)], False, [10, 4, 2]),  # nothing evaluated: newest first (export's choice)
+    ],
+)
+def test_rank_best_is_the_one_order(rows, greater, order):
+    ranked = rank_best(ckpts(*rows), "eval_loss", greater)
+    assert [c.step for c in ranked] == order
+    assert best_step(ckpts(*rows), "eval_loss", greater) == next(
+        (c.step for c in ranked if metric_value(c, "eval_loss") is not None), None
+    )
 
 
 # -- decide_retention: tables ----------------------------------------------------------

@@ -88,3 +88,41 @@ def test_checkpoints_view_marks_the_best(ledger):
         _commit(ledger, run, step, eval_loss=loss)
     rows = checkpoints_view(ledger, "run")
     assert [(r["step"], r["is_best"]) for r in rows] == [(2, False), (4, True), (6, False)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "metrics", "best"),
+    [
+        # (run settings, {step: metrics}, the best step everyone must agree on)
+        ({}, {2: 3.0, 4: 1.0, 6: 1.0, 8: 2.0}, 4),  # tie: the earlier step
+        ({}, {2: 2.0, 4: float("nan"), 6: float("-inf")}, 2),  # non-finite never best
+        ({"metric_for_best_model": "eval_mean_token_accuracy", "greater_is_better": True}, {2: 0.1, 4: 0.4, 6: 0.3}, 4),
+        ({"eval_strategy": "no", "retention": "recent"}, {2: None, 4: None}, None),  # export then takes the newest
+    ],
+)
+def test_one_ranking_for_runs_checkpoints_retention_and_export(ledger, settings, metrics, best):
+    """`runs`, `checkpoints`, retention's protected best and export's choice are one ranking (policy.rank_best)."""
+    from ckptflow.integrity import write_manifest
+    from ckptflow.policy import decide_retention, retention_policy
+    from ckptflow.selection import choose_checkpoint
+
+    run = _run(ledger, "run", **settings)
+    full = load_settings(checkpoint=settings)
+    for step, value in metrics.items():
+        path = full.checkpoints_dir(run.name) / f"checkpoint-{step}"
+        path.mkdir(parents=True)
+        (path / "adapter_model.safetensors").write_bytes(b"w" * step)
+        recorded = {} if value is None else {full.checkpoint.metric_key: value}
+        _, sha = write_manifest(path, step=step, metrics=recorded, settings_digest="d")
+        ledger.commit_checkpoint(
+            run.id, step, epoch=None, metrics=recorded, bytes=step, manifest_sha256=sha, path=str(path)
+        )
+    committed = ledger.checkpoints(run.id, [CheckpointState.COMMITTED])
+    [row] = runs_view(ledger)
+    marked = [r["step"] for r in checkpoints_view(ledger, "run") if r["is_best"]]
+    protected = decide_retention(retention_policy(full.checkpoint), committed).keep
+    exported, _ = choose_checkpoint(ledger, run, full)
+    assert row["best_step"] == best and marked == ([best] if best else [])
+    assert exported.step == (best or max(metrics))
+    if best:
+        assert f"best {full.checkpoint.metric_key}" in protected[best]

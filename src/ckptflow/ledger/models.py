@@ -6,6 +6,7 @@ classes must stay identical to them (a unit test compares the two).
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -76,8 +77,54 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Key of the one-key object that stands for a non-finite float in a stored JSON document.
+NONFINITE_TAG = "$float"
+# Python float -> its tagged spelling, and back (the spellings are float()'s own).
+_NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _tag_nonfinite(value: Any) -> Any:
+    """`value` with every NaN/±inf float replaced by `{"$float": "nan"|"inf"|"-inf"}` (nested too)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {NONFINITE_TAG: "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if isinstance(value, dict):
+        return {k: _tag_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_tag_nonfinite(v) for v in value]
+    return value
+
+
+def _untag_nonfinite(value: Any) -> Any:
+    """Inverse of `_tag_nonfinite`; bare NaN/Infinity tokens (older SQLite rows) already come back as floats."""
+    if isinstance(value, dict):
+        if len(value) == 1 and value.get(NONFINITE_TAG) in _NONFINITE_NAMES:
+            return _NONFINITE_NAMES[value[NONFINITE_TAG]]
+        return {k: _untag_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_untag_nonfinite(v) for v in value]
+    return value
+
+
+class FiniteJSON(TypeDecorator[Any]):
+    """JSON that every backend accepts: non-finite floats are stored as tagged objects and read back as floats.
+
+    Python's json writes NaN/Infinity as bare tokens, which are not JSON: PostgreSQL's json type
+    rejects them (a diverged run's metrics would fail the commit) and SQLite's JSON functions
+    reject the whole document. Finite values are stored exactly as plain JSON, so no migration.
+    """
+
+    impl = JSON()
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return _tag_nonfinite(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return _untag_nonfinite(value)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON()}
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: FiniteJSON()}
 
 
 class Run(Base):

@@ -22,12 +22,21 @@ behalf of a holder (a `Fence`: run, holder, token) first updates the lease row `
 holder = ? AND token = ?` in the same transaction. Once another process took the lease
 over, that matches no row and the write is refused (LeaseLostError); on PostgreSQL the
 row lock it takes also makes a concurrent take-over wait for the write's commit.
+
+On a server database (PostgreSQL) connections can drop: a restart, a failover, a killed
+backend. Idle pooled connections are tested before use (`pool_pre_ping`), and a call whose
+connection drops mid-transaction, or cannot connect, is run again from the start, a few
+times with growing pauses (`_retried_on_disconnect`); every call is one short transaction,
+so a retry repeats all or nothing. When the server stays away the call raises
+LedgerUnavailableError: the training attempt fails, and the next one resumes from what was
+committed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
+import itertools
 import os
 import socket
 import time
@@ -43,12 +52,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, insert, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from ckptflow.errors import LeaseLostError, RunLockedError
+from ckptflow.errors import LeaseLostError, LedgerError, LedgerUnavailableError, RunLockedError
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
+from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -79,6 +89,13 @@ LEASE_HEARTBEAT_SECONDS = LEASE_TTL_SECONDS / 4
 _NO_HOLDER = ""
 # Rounds of read → compare-and-swap before take_lease gives up on a contended lease.
 _LEASE_CAS_ROUNDS = 20
+# Tries of one ledger call whose server connection drops, and the first pause between them
+# (doubling: 0.25+0.5+1+2+4+4 s ≈ 12 s, long enough for a restart or a failover).
+_DISCONNECT_TRIES = 7
+_DISCONNECT_FIRST_PAUSE_S = 0.25
+_DISCONNECT_MAX_PAUSE_S = 4.0
+# Connection failures that waiting does not cure (a wrong URL, password or role): raised at once.
+_PERMANENT_CONNECT_FAILURES = ("password authentication failed", "does not exist", "no pg_hba.conf entry")
 
 
 # -- records ---------------------------------------------------------------------------
@@ -230,8 +247,12 @@ def _sqlite_file(url: str) -> Path | None:
     return Path(db)
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes."""
+def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
+    """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes.
+
+    `readonly`: a SQLite file is opened read-only (see `preflight.readonly_sqlite_uri`); no directory
+    is created and the journal mode is left alone.
+    """
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True, **kwargs)
@@ -240,10 +261,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if path is None:  # in-memory: one shared connection, or every checkout sees an empty database
         connect_args["check_same_thread"] = False
         kwargs.setdefault("poolclass", StaticPool)
+    elif readonly:
+        u = readonly_sqlite_url(path)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(u, connect_args=connect_args, **kwargs)
-    wal = path is not None
+    wal = path is not None and not readonly
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -263,6 +286,13 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def readonly_sqlite_url(path: Path) -> Any:
+    """The SQLAlchemy URL of `preflight.readonly_sqlite_uri` (pysqlite passes the URI's flags on)."""
+    from ckptflow.preflight import readonly_sqlite_uri
+
+    return make_url(f"sqlite:///{readonly_sqlite_uri(path)}&uri=true")
 
 
 def _retry_locked(fn: Any, attempts: int = 50) -> Any:
@@ -307,20 +337,111 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
+# -- lost connections ------------------------------------------------------------------------
+def _is_disconnect(exc: DBAPIError) -> bool:
+    """The connection dropped (SQLAlchemy invalidated it) or could not be made for now (no statement ran)."""
+    if exc.connection_invalidated:
+        return True
+    could_not_connect = isinstance(exc, OperationalError) and exc.statement is None
+    return could_not_connect and not any(text in str(exc.orig) for text in _PERMANENT_CONNECT_FAILURES)
+
+
+def _retried_on_disconnect(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a ledger call (one short transaction) again when its server connection drops; not on SQLite.
+
+    Raises LedgerUnavailableError, naming the database and the last error, when every try failed.
+    """
+
+    @functools.wraps(method)
+    def call(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        if self._engine.dialect.name == "sqlite":  # a local file: nothing to reconnect to
+            return method(self, *args, **kwargs)
+        pause, started = _DISCONNECT_FIRST_PAUSE_S, time.monotonic()
+        for attempt in range(1, _DISCONNECT_TRIES + 1):
+            try:
+                return method(self, *args, **kwargs)
+            except DBAPIError as exc:
+                if not _is_disconnect(exc):
+                    raise
+                if attempt == _DISCONNECT_TRIES:
+                    raise LedgerUnavailableError(_unavailable_message(self, method.__name__, exc, started)) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, _DISCONNECT_MAX_PAUSE_S)
+        raise AssertionError("unreachable")
+
+    return call
+
+
+def _unavailable_message(ledger: Ledger, call: str, exc: DBAPIError, started: float) -> str:
+    from ckptflow.secrets import mask_url
+
+    reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+    return (
+        f"the ledger database {mask_url(ledger.url)} stayed unreachable: {call} failed {_DISCONNECT_TRIES} times "
+        f"over {time.monotonic() - started:.0f}s ({reason}). Check that the database server is up and reachable "
+        "from this machine, and CKPTFLOW_LEDGER_URL; what was committed before is kept, and running again resumes from it"
+    )
+
+
+def known_revisions() -> set[str]:
+    """Every migration revision shipped with this package."""
+    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def check_revision(url: str, revision: str | None, *, readonly: bool) -> None:
+    """Refuse a ledger this version cannot use: an unknown (newer) schema; read-only, an older one.
+
+    Raises LedgerError naming CKPTFLOW_LEDGER_URL. `revision` None is an empty ledger.
+    """
+    head = head_revision()
+    if revision is None or revision == head:
+        return
+    shown = _safe_url(url)
+    if revision not in known_revisions():
+        newer = revision.isdigit() and head is not None and head.isdigit() and int(revision) > int(head)
+        why = "a newer schema than this version of ckptflow knows" if newer else "a schema revision this version of ckptflow does not know"
+        raise LedgerError(
+            f"ledger {shown} has {why} (alembic_version {revision!r}; this version knows up to {head!r}): "
+            "upgrade ckptflow to the version that wrote it, or set CKPTFLOW_LEDGER_URL to another ledger"
+        )
+    if readonly:
+        raise LedgerError(
+            f"ledger {shown} has the older schema {revision!r} (this version needs {head!r}) and read-only commands "
+            "never upgrade it: run `ckptflow run` once to upgrade it, or set CKPTFLOW_LEDGER_URL to an upgraded ledger"
+        )
+
+
+def _safe_url(url: str) -> str:
+    """The URL with any password hidden (for messages)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "(CKPTFLOW_LEDGER_URL)"
+
+
 # -- the ledger --------------------------------------------------------------------------
 class Ledger:
     """The SQL ledger. Open with any SQLAlchemy URL; the schema is migrated to head on open."""
 
-    def __init__(self, url: str, *, home: Path | str | None = None) -> None:
+    def __init__(self, url: str, *, home: Path | str | None = None, readonly: bool = False) -> None:
+        """Open the ledger; a writer migrates it to head, a `readonly` one only checks the schema.
+
+        Read-only opens write nothing (no file, no directory, no migration, no journal-mode
+        change) and refuse a schema other than head (LedgerError).
+        """
         self.url = url
+        self.readonly = readonly
         self._sqlite_path = _sqlite_file(url)
         self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
-        self._engine = make_engine(url)
+        self._engine = make_engine(url, readonly=readonly)
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         self._write = sessionmaker(self._writer_engine, expire_on_commit=False)
         try:
-            self._migrate()
+            if readonly:
+                check_revision(url, self.current_revision(), readonly=True)
+            else:
+                self._migrate()
         except BaseException:
             self._engine.dispose()
             raise
@@ -340,6 +461,7 @@ class Ledger:
         self._engine.dispose()
 
     # -- schema ----------------------------------------------------------------------
+    @_retried_on_disconnect  # also makes opening a Ledger wait out a short outage (it reads this first)
     def current_revision(self) -> str | None:
         with self._engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
@@ -350,8 +472,10 @@ class Ledger:
         with _dir_lock(self._sqlite_path):
             for i in range(_MIGRATE_RETRIES):
                 try:
-                    if self.current_revision() == head:
+                    current = self.current_revision()
+                    if current == head:
                         return
+                    check_revision(self.url, current, readonly=False)  # newer/unknown schema: never "upgrade" it
                     cfg = _alembic_config()
                     with self._writer_engine.begin() as conn:  # one transaction (BEGIN IMMEDIATE on SQLite)
                         cfg.attributes["connection"] = conn
@@ -406,6 +530,7 @@ class Ledger:
             )
 
     # -- runs ------------------------------------------------------------------------
+    @_retried_on_disconnect
     def create_run(
         self, name: str, *, fingerprint: str, config: dict[str, Any], base_model: str, total_steps: int
     ) -> RunRecord:
@@ -430,22 +555,26 @@ class Ledger:
         except IntegrityError:
             raise ValueError(f"a run named {name!r} already exists in the ledger") from None
 
+    @_retried_on_disconnect
     def get_run(self, name: str) -> RunRecord | None:
         with self._read() as s:
             run = s.scalar(select(Run).where(Run.name == name))
             return _run_record(run) if run else None
 
+    @_retried_on_disconnect
     def get_run_by_id(self, run_id: int) -> RunRecord:
         """Raises KeyError if there is no such run."""
         with self._read() as s:
             return _run_record(self._run(s, run_id))
 
+    @_retried_on_disconnect
     def list_runs(self) -> list[RunRecord]:
         """All runs, newest first."""
         with self._read() as s:
             rows = s.scalars(select(Run).order_by(Run.created_at.desc(), Run.id.desc()))
             return [_run_record(r) for r in rows]
 
+    @_retried_on_disconnect
     def set_run_status(self, run_id: int, status: RunStatus | str, *, fence: Fence | None = None) -> None:
         status = RunStatus(status)
         with self._write.begin() as s:
@@ -454,6 +583,7 @@ class Ledger:
             run.status = status.value
             run.updated_at = utcnow()
 
+    @_retried_on_disconnect
     def update_run_metrics(self, run_id: int, metrics: dict[str, Any], *, fence: Fence | None = None) -> RunRecord:
         """Shallow-merge `metrics` into the run's metrics; returns the updated run."""
         with self._write.begin() as s:
@@ -464,6 +594,7 @@ class Ledger:
             s.flush()
             return _run_record(run)
 
+    @_retried_on_disconnect
     def rename_run(self, run_id: int, new_name: str) -> None:
         """Raises ValueError if new_name is taken."""
         try:
@@ -478,10 +609,10 @@ class Ledger:
         """Per run id, a summary of its committed checkpoints, in two queries for all runs.
 
         Returns `{run_id: {"committed": n, "latest_step": int|None, "best_step": int|None,
-        "best_value": float|None, "metric": metric}}` for every run; the best is by `metric`
-        in the checkpoints' metrics (ties: the earlier step), counting only finite numbers, as
-        `policy.best_step` does. Metrics are decoded in Python, not with SQL JSON functions:
-        SQLite's reject a whole document holding a NaN (a diverged loss), which would fail the call.
+        "best_value": float|None, "metric": metric}}` for every run. SQL fetches the rows; the best
+        is chosen by `policy.best_of`, the one ranking retention and export use. Metrics are decoded
+        in Python, not with SQL JSON functions: SQLite's reject a whole document holding a NaN (a
+        diverged loss), which would fail the call.
         """
         committed = CheckpointState.COMMITTED.value
         out: dict[int, dict[str, Any]] = {}
@@ -500,17 +631,14 @@ class Ledger:
                 .where(Checkpoint.state == committed)
                 .order_by(Checkpoint.run_id, Checkpoint.step)
             )
-            for run_id, step, metrics in rows:
-                v = _finite_number((metrics or {}).get(metric))
-                if v is None:
-                    continue
-                entry = out[run_id]
-                best = entry["best_value"]
-                if best is None or (v > best if greater_is_better else v < best):
-                    entry["best_step"], entry["best_value"] = step, v
+            for run_id, group in itertools.groupby(rows, key=lambda row: row[0]):
+                best = best_of((Ckpt(step, metrics or {}) for _, step, metrics in group), metric, greater_is_better)
+                if best is not None:
+                    out[run_id]["best_step"], out[run_id]["best_value"] = best.step, metric_value(best, metric)
         return out
 
     # -- checkpoints ------------------------------------------------------------------
+    @_retried_on_disconnect
     def begin_checkpoint(self, run_id: int, step: int, path: str, *, fence: Fence | None = None) -> CheckpointRecord:
         """Record that checkpoint `step` is being written; an existing row for that step is reset."""
         now = utcnow()
@@ -527,6 +655,7 @@ class Ledger:
             s.flush()
             return _ckpt_record(ck, self._absolute)
 
+    @_retried_on_disconnect
     def commit_checkpoint(
         self,
         run_id: int,
@@ -559,6 +688,7 @@ class Ledger:
             s.flush()
             return _ckpt_record(ck, self._absolute)
 
+    @_retried_on_disconnect
     def mark_checkpoint(
         self,
         run_id: int,
@@ -579,6 +709,7 @@ class Ledger:
             if state is CheckpointState.PRUNED:
                 ck.pruned_at = utcnow()
 
+    @_retried_on_disconnect
     def checkpoints(self, run_id: int, states: Iterable[CheckpointState | str] | None = None) -> list[CheckpointRecord]:
         """The run's checkpoints (optionally only those in `states`), by step ascending."""
         q = select(Checkpoint).where(Checkpoint.run_id == run_id)
@@ -587,11 +718,13 @@ class Ledger:
         with self._read() as s:
             return [_ckpt_record(c, self._absolute) for c in s.scalars(q.order_by(Checkpoint.step))]
 
+    @_retried_on_disconnect
     def get_checkpoint(self, run_id: int, step: int) -> CheckpointRecord | None:
         with self._read() as s:
             ck = self._ckpt(s, run_id, step)
             return _ckpt_record(ck, self._absolute) if ck else None
 
+    @_retried_on_disconnect
     def mark_remote(
         self, run_id: int, step: int, manifest_sha256: str | None, *, fence: Fence | None = None
     ) -> bool:
@@ -609,6 +742,7 @@ class Ledger:
             return True
 
     # -- attempts ---------------------------------------------------------------------
+    @_retried_on_disconnect
     def start_attempt(
         self,
         run_id: int,
@@ -643,6 +777,7 @@ class Ledger:
             s.flush()
             return _attempt_record(a)
 
+    @_retried_on_disconnect
     def finish_attempt(
         self, attempt_id: int, status: AttemptStatus | str, error: str | None = None, *, fence: Fence | None = None
     ) -> None:
@@ -652,6 +787,7 @@ class Ledger:
             self._fence_check(s, a.run_id, fence)
             a.status, a.error, a.finished_at = status.value, error, utcnow()
 
+    @_retried_on_disconnect
     def abandon_attempts(self, run_id: int, error: str, *, fence: Fence | None = None) -> list[AttemptRecord]:
         """Mark the run's `running` attempts failed with `error`; returns them as they were.
 
@@ -673,6 +809,7 @@ class Ledger:
                 a.status, a.error, a.finished_at = AttemptStatus.FAILED.value, error, now
             return before
 
+    @_retried_on_disconnect
     def add_attempt_note(self, attempt_id: int, note: str, *, fence: Fence | None = None) -> None:
         """Append one line to the attempt's notes."""
         with self._write.begin() as s:
@@ -680,6 +817,7 @@ class Ledger:
             self._fence_check(s, a.run_id, fence)
             a.notes = f"{a.notes}\n{note}" if a.notes else note
 
+    @_retried_on_disconnect
     def attempts(self, run_id: int) -> list[AttemptRecord]:
         """The run's attempts in the order they started."""
         with self._read() as s:
@@ -687,6 +825,7 @@ class Ledger:
             return [_attempt_record(a) for a in rows]
 
     # -- exports ----------------------------------------------------------------------
+    @_retried_on_disconnect
     def record_export(
         self,
         run_id: int,
@@ -716,12 +855,14 @@ class Ledger:
             s.flush()
             return _export_record(e, ck.step, self._absolute)
 
+    @_retried_on_disconnect
     def set_promoted(self, export_id: int, promoted: bool) -> None:
         with self._write.begin() as s:
             res = s.execute(update(Export).where(Export.id == export_id).values(promoted=bool(promoted)))
             if res.rowcount == 0:
                 raise KeyError(f"no export with id {export_id}")
 
+    @_retried_on_disconnect
     def promote_export(self, export_id: int, *, rollback: bool = False) -> None:
         """Make `export_id` the only promoted export, in one transaction: a crash leaves either the
         old champion or the new one promoted, never none or two.
@@ -738,6 +879,7 @@ class Ledger:
             stamp = {} if rollback else {"promoted_at": utcnow()}
             s.execute(update(Export).where(Export.id == export_id).values(promoted=True, **stamp))
 
+    @_retried_on_disconnect
     def mark_export_pruned(self, export_id: int, reason: str) -> None:
         """Record that export retention deleted this export's files (the row stays). Never the champion."""
         with self._write.begin() as s:
@@ -748,6 +890,7 @@ class Ledger:
                 raise ValueError(f"export {export_id} is the champion: it is never pruned")
             e.pruned_at, e.pruned_reason = utcnow(), reason
 
+    @_retried_on_disconnect
     def exports(self, run_id: int | None = None) -> list[ExportRecord]:
         """Exports (of one run, or all), oldest first."""
         q = select(Export, Checkpoint.step).join(Checkpoint, Checkpoint.id == Export.checkpoint_id)
@@ -757,6 +900,7 @@ class Ledger:
             return [_export_record(e, step, self._absolute) for e, step in s.execute(q.order_by(Export.id))]
 
     # -- leases -----------------------------------------------------------------------
+    @_retried_on_disconnect
     def take_lease(self, run_id: int, holder: str, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> LeaseGrant:
         """Become the run's only writer, or raise RunLockedError naming the live holder.
 
@@ -803,6 +947,7 @@ class Ledger:
         """`take_lease`, returning only a description of the holder taken over, if any."""
         return self.take_lease(run_id, holder, ttl_seconds=ttl_seconds).taken_over
 
+    @_retried_on_disconnect
     def current_fence(self, run_id: int, holder: str) -> Fence:
         """The fence of `holder`'s current acquisition; raises LeaseLostError if it does not hold the lease."""
         with self._read() as s:
@@ -814,6 +959,7 @@ class Ledger:
             )
         return Fence(run_id, holder, lease.token)
 
+    @_retried_on_disconnect
     def check_lease(self, run_id: int, *, ttl_seconds: float = LEASE_TTL_SECONDS) -> None:
         """Raise RunLockedError if a live holder has the run's lease (as take_lease would); writes nothing.
 
@@ -827,6 +973,7 @@ class Ledger:
                 if refusal:
                     raise RunLockedError(refusal)
 
+    @_retried_on_disconnect
     def heartbeat(self, run_id: int, holder: str, *, token: int | None = None) -> None:
         """Prove the holder is alive. Raises LeaseLostError if the lease was lost (taken over or released).
 
@@ -843,6 +990,7 @@ class Ledger:
                     f"{holder} no longer holds the lease of run {run_id}: another process took it over"
                 )
 
+    @_retried_on_disconnect
     def release_lease(self, run_id: int, holder: str) -> None:
         """Give the lease up; a no-op if `holder` does not hold it. The row (and its token) stays."""
         with self._write.begin() as s:
@@ -850,6 +998,7 @@ class Ledger:
                 update(Lease).where(Lease.run_id == run_id, Lease.holder == holder).values(holder=_NO_HOLDER, pid=0)
             )
 
+    @_retried_on_disconnect
     def lease_holder(self, run_id: int) -> str | None:
         with self._read() as s:
             lease = s.get(Lease, run_id)
@@ -885,13 +1034,6 @@ def _home_of(sqlite_path: Path | None, home: Path | str | None) -> Path | None:
     if home is not None:
         return _resolved(Path(home))
     return _resolved(sqlite_path).parent if sqlite_path is not None else None
-
-
-def _finite_number(value: object) -> float | None:
-    """`value` as a float if it is a finite number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _lease_in_use(lease: Lease, run_name: str, now: datetime, ttl_seconds: float) -> tuple[str | None, str]:
