@@ -11,6 +11,8 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
 
+from tests.s3 import s3, s3_remote  # noqa: E402,F401 - one local S3 server (moto) shared by every module of the session
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRe
 from ckptflow.policy import format_bytes
 from ckptflow.recovery import reconcile, resume_point
 from ckptflow.planning import Chunk, Schedule, schedule_for
+from ckptflow.remote_uploads import CheckpointUploads, open_uploads, upload_missing, uploading
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
@@ -177,8 +178,9 @@ def _ledger(job: ChunkJob) -> Ledger:
 
 def _begin(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, fence: Fence | None) -> AttemptPlan | None:
     ckpt_dir, quarantine_dir = settings.checkpoints_dir(run.name), settings.quarantine_dir(run.name)
-    notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir)
-    resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir)
+    remote_url = settings.checkpoint.remote_url  # an empty home resumes from its verified copies
+    notes = reconcile(ledger, run.id, ckpt_dir, quarantine_dir, remote_url=remote_url)
+    resume = resume_point(ledger, run.id, ckpt_dir, quarantine_dir, remote_url=remote_url)
     notes += resume.notes if resume else []  # (reconcile and resume_point log their own notes)
     for note in _unusable_newer(ledger, run.id, resume.step if resume else 0, notes):
         log.warning(note)
@@ -199,6 +201,7 @@ def _begin(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, fe
             ledger.add_attempt_note(attempt.id, note)
     if done:
         # Already trained (perhaps by a process killed before it pruned): leave what the policy keeps.
+        upload_missing(ledger, run, remote_url, fence)  # uploads an earlier attempt left unfinished
         if attempt is not None:
             ledger.add_attempt_note(attempt.id, f"nothing to train: checkpoint-{resume.step} is committed and verifies")
             ledger.finish_attempt(attempt.id, AttemptStatus.COMPLETED)
@@ -358,6 +361,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
     schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
+    uploads = open_uploads(ledger, run, settings.checkpoint.remote_url if _is_main_process() else "", plan.lease)
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -365,12 +369,13 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan, schedule),
+        callbacks=_callbacks(ledger, run, settings, job, plan, schedule, uploads),
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
         _pause_mid_save(trainer)
-    trainer.train(resume_from_checkpoint=plan.resume_path)
+    with uploading(uploads):  # the attempt succeeds only once every upload verified
+        trainer.train(resume_from_checkpoint=plan.resume_path)
 
 
 def _pause_mid_save(trainer: Any) -> None:
@@ -387,7 +392,13 @@ def _pause_mid_save(trainer: Any) -> None:
 
 
 def _callbacks(
-    ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan, schedule: Schedule
+    ledger: Ledger,
+    run: RunRecord,
+    settings: Settings,
+    job: ChunkJob,
+    plan: AttemptPlan,
+    schedule: Schedule,
+    uploads: CheckpointUploads | None = None,
 ) -> list:
     """The trainer's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
@@ -408,7 +419,9 @@ def _callbacks(
             run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha, fence=fence
         )
         log.info("committed checkpoint-%d (%d bytes, %s)", step, manifest.total_bytes, _metric_text(metrics, settings))
-        decision = apply_retention(ledger, run.id, settings.checkpoint)
+        if uploads is not None:
+            uploads.submit(path, step)  # in the background, after the local commit
+        decision = apply_retention(ledger, run.id, settings.checkpoint, uploading=uploads.uploading() if uploads else ())
         for pruned, reason in decision.prune.items():
             log.info("pruned checkpoint-%d: %s", pruned, reason)
 

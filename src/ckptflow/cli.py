@@ -310,7 +310,7 @@ def checkpoints(
     if as_json:
         _emit_json(rows)
         return
-    _table(rows, ["step", "state", "metric", "bytes", "is_best", "reason", "path"])
+    _table(rows, ["step", "state", "metric", "bytes", "is_best", "location", "reason", "path"])
 
 
 @app.command()
@@ -328,7 +328,9 @@ def verify(run_name: RunArg, config: ConfigOpt = None, as_json: JsonOpt = False)
     try:
         run_record = get_run(ledger, run_name)
         with _busy(f"re-hashing the checkpoints of {run_name} …"):
-            problems = verify_run(ledger, run_record.id, settings.checkpoints_dir(run_name))
+            problems = verify_run(
+                ledger, run_record.id, settings.checkpoints_dir(run_name), remote_url=settings.checkpoint.remote_url
+            )
         checked = [c.step for c in ledger.checkpoints(run_record.id, states=["committed"])]
     finally:
         ledger.close()

@@ -18,6 +18,7 @@ from ckptflow import faults
 from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
 from ckptflow.ledger import Ledger, RunStatus
 from ckptflow.paths import DATA_CACHE_DIR, PREFECT_RESULTS_DIR, contained
+from ckptflow.remote_restore import fetch_missing
 from ckptflow.runs import OpenedRun, get_run, open_run
 from ckptflow.settings import Settings
 
@@ -112,6 +113,8 @@ def _hash_source(digest: Any, spec: str) -> None:
 
 
 def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str | None, new: bool) -> OpenedRun:
+    """Open (or create) the run; refuses first (exit 2) a `checkpoint.remote_url` whose bucket is missing."""
+    _check_remote(settings)
     ledger = Ledger(settings.ledger, home=settings.home)
     try:
         opened = open_run(
@@ -127,6 +130,14 @@ def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str
         return opened
     finally:
         ledger.close()
+
+
+def _check_remote(settings: Settings) -> None:
+    """Before training: a remote whose bucket is missing or unreadable is bad input, not a failure after the first save."""
+    if settings.checkpoint.remote_url:
+        from ckptflow.remote_fs import check_writable_root, open_store
+
+        check_writable_root(open_store(settings.checkpoint.remote_url))
 
 
 def set_status(settings: Settings, run_name: str, status: RunStatus) -> None:
@@ -149,7 +160,9 @@ def evaluate_run(settings: Settings, run_name: str) -> dict[str, Any]:
         resolved, tokenizer, data = load_inputs(settings)
         if data.eval is None or not settings.checkpoint.evaluates:
             return {"skipped": "no eval data or eval_strategy=no"}
-        best, notes = choose_checkpoint(ledger, run, settings)
+        notes = fetch_missing(ledger, run.id, settings.checkpoint.remote_url)  # checkpoints only on the remote
+        best, chosen_notes = choose_checkpoint(ledger, run, settings)
+        notes += chosen_notes
         base = evaluate_model(load_base_model(resolved), data.eval, tokenizer, settings)
         tuned = evaluate_checkpoint(load_base_model(resolved), Path(best.path), data.eval, tokenizer, settings)
         result = {
@@ -188,7 +201,9 @@ def export_run(
     ledger = Ledger(settings.ledger, home=settings.home)
     try:
         run = get_run(ledger, run_name)
-        ckpt, notes = choose_checkpoint(ledger, run, settings, step=step)
+        notes = fetch_missing(ledger, run.id, settings.checkpoint.remote_url, step=step)  # export from the remote alone
+        ckpt, chosen_notes = choose_checkpoint(ledger, run, settings, step=step)
+        notes += chosen_notes
         resolved = resolve_model(settings.model.name_or_path, settings.home)
         merged = settings.export.merge if merge is None else merge
         metrics = export_metrics(ckpt.step, ckpt.metrics, run.metrics)
@@ -206,6 +221,7 @@ def export_run(
         record = ledger.record_export(
             run.id, checkpoint_id=ckpt.id, path=str(result.path), merged=merged, metrics=metrics
         )
+        remote = _upload_export(settings, run_name, result.path) if out is None else None
         return {
             "export_id": record.id,
             "path": str(result.path),
@@ -215,9 +231,23 @@ def export_run(
             "max_logit_diff": result.max_logit_diff,
             "seconds": result.seconds,
             "notes": notes,
+            "remote_url": remote,
         }
     finally:
         ledger.close()
+
+
+def _upload_export(settings: Settings, run_name: str, path: Path) -> str | None:
+    """Copy the run's export to `<remote_url>/exports/<run>/` (provenance last); its URL (masked), or None without a remote.
+
+    Only the home's own export goes up (an `--out` directory is the user's).
+    """
+    if not settings.checkpoint.remote_url:
+        return None
+    from ckptflow.export import PROVENANCE_NAME
+    from ckptflow.remote import upload_export
+
+    return upload_export(path, settings.checkpoint.remote_url, run_name, PROVENANCE_NAME).url
 
 
 def export_metrics(step: int, checkpoint_metrics: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:

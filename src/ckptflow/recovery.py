@@ -5,7 +5,8 @@ Plain functions over a `Ledger` and the filesystem (no Prefect, no torch):
 - `reconcile` runs at the start of every attempt and finishes whatever a crash left half
   done (stuck `writing` rows, partial directories, unrecorded complete checkpoints,
   interrupted prunes, vanished directories, attempts whose process died);
-- `resume_point` picks the newest committed checkpoint that verifies;
+- `resume_point` picks the newest committed checkpoint that verifies (downloading it from
+  `checkpoint.remote_url` when it is only there);
 - `verify_run` re-hashes every committed checkpoint and reports partial directories;
 - `prune_checkpoints` is the one executor of a retention decision.
 
@@ -37,6 +38,7 @@ from ckptflow.integrity import (
 )
 from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger
 from ckptflow.paths import QUARANTINE_DIR
+from ckptflow.remote_restore import fetch_remote_copy, has_remote_copy
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,37 @@ def _finish_prunes(
             _quarantine(path, quarantine_dir, "pruned in the ledger, but the directory is not the one it recorded", notes)
 
 
-def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path) -> list[str]:
+def _delete_remote_copy(ledger: Ledger, row: CheckpointRecord, remote_url: str) -> str | None:
+    """Delete a pruned checkpoint's remote copy and clear its mark; a note, or None when the remote is unreachable.
+
+    An outage does not fail the prune (training goes on): the mark stays, and the next
+    `reconcile` deletes the copy.
+    """
+    from ckptflow.remote import delete_remote
+    from ckptflow.remote_fs import RemoteUnavailableError
+
+    run_name = ledger.get_run_by_id(row.run_id).name
+    try:
+        delete_remote(remote_url, run_name, row.step)
+    except RemoteUnavailableError as exc:
+        log.warning("checkpoint-%d pruned locally; its remote copy is not deleted yet: %s", row.step, exc)
+        return None
+    ledger.mark_remote(row.run_id, row.step, None)
+    return f"checkpoint-{row.step}: deleted its remote copy (pruned)"
+
+
+def _finish_remote_prunes(ledger: Ledger, run_id: int, remote_url: str, notes: list[str]) -> None:
+    """Step 0b of reconcile: pruned rows whose remote copy is still marked (crash or outage during the prune)."""
+    for row in ledger.checkpoints(run_id, [CheckpointState.PRUNED]):
+        if has_remote_copy(row, remote_url):
+            note = _delete_remote_copy(ledger, row, remote_url)
+            if note:
+                notes.append(note)
+
+
+def reconcile(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, *, remote_url: str = ""
+) -> list[str]:
     """Make the ledger and the checkpoint directories agree after a crash; returns human notes.
 
     Steps: (0) finish interrupted prunes; (1) rows stuck in `writing`: commit them if the
@@ -119,7 +151,8 @@ def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir
     row partial (corrupt if it claimed to be committed); (3) directories with a valid
     manifest the ledger does not know (killed between manifest and ledger commit): commit
     them, and quarantine directories of rows already marked corrupt/partial; (4) committed
-    rows whose directory is gone: mark corrupt; (5) attempts still `running`: their process
+    rows whose directory is gone: mark corrupt, unless `remote_url` holds a verified copy
+    (an empty home resumes from there); (5) attempts still `running`: their process
     died (the caller is the run's only writer), mark them failed so they no longer protect
     the checkpoint they resumed from.
     """
@@ -127,11 +160,12 @@ def reconcile(ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir
     notes: list[str] = []
     rows = {r.step: r for r in ledger.checkpoints(run_id)}
     _finish_prunes(ledger, run_id, checkpoints_dir, quarantine_dir, rows, notes)  # (0)
+    _finish_remote_prunes(ledger, run_id, remote_url, notes)
     _settle_writing(ledger, run_id, quarantine_dir, rows, notes)  # (1)
     _quarantine_unmanifested(ledger, run_id, checkpoints_dir, quarantine_dir, notes)  # (2)
     _adopt_unrecorded(ledger, run_id, checkpoints_dir, quarantine_dir, notes)  # (3)
     for row in ledger.checkpoints(run_id, [CheckpointState.COMMITTED]):  # (4)
-        if not Path(row.path).is_dir():
+        if not Path(row.path).is_dir() and not has_remote_copy(row, remote_url):
             ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, "directory missing")
             notes.append(f"checkpoint-{row.step}: committed but its directory {row.path} is missing; marked corrupt")
     _abandon_running_attempts(ledger, run_id, notes)  # (5)
@@ -206,12 +240,20 @@ def _abandon_running_attempts(ledger: Ledger, run_id: int, notes: list[str]) -> 
 
 
 def resume_point(
-    ledger: Ledger, run_id: int, checkpoints_dir: Path, quarantine_dir: Path, *, max_step: int | None = None
+    ledger: Ledger,
+    run_id: int,
+    checkpoints_dir: Path,
+    quarantine_dir: Path,
+    *,
+    max_step: int | None = None,
+    remote_url: str = "",
 ) -> ResumePoint | None:
     """The newest committed checkpoint (step <= max_step) that verifies; None = start from scratch.
 
-    A checkpoint that fails verification is marked corrupt (reason = the problems),
-    quarantined, and the next newest is tried; each such fallback adds a note.
+    A checkpoint missing locally (or failing verification: quarantined first) whose copy on
+    `remote_url` the ledger marks verified is downloaded and verified again, then used. A
+    checkpoint usable neither way is marked corrupt (reason = the problems) and the next
+    newest is tried; each such fallback adds a note.
     """
     notes: list[str] = []
     committed = ledger.checkpoints(run_id, [CheckpointState.COMMITTED])
@@ -223,10 +265,17 @@ def resume_point(
         if not problems:
             return ResumePoint(step=row.step, path=path, checkpoint_id=row.id, notes=notes)
         reason = "; ".join(problems)
-        ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, reason)
         where = ""
         if path.exists():
             where = f", quarantined to {quarantine(path, quarantine_dir, 'failed verification: ' + reason)}"
+        if has_remote_copy(row, remote_url):
+            remote_problems = fetch_remote_copy(ledger, row, remote_url)
+            if not remote_problems:
+                notes.append(f"checkpoint-{row.step}: local copy {'missing' if not where else 'corrupt'}{where}; "
+                             "downloaded its remote copy, which verifies")
+                return ResumePoint(step=row.step, path=path, checkpoint_id=row.id, notes=notes)
+            reason += "; remote copy: " + "; ".join(remote_problems)
+        ledger.mark_checkpoint(run_id, row.step, CheckpointState.CORRUPT, reason)
         note = f"checkpoint-{row.step} corrupt ({reason}){where}; trying an older checkpoint"
         log.warning("%s", note)
         notes.append(note)
@@ -235,8 +284,13 @@ def resume_point(
     return None
 
 
-def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None) -> dict[int, list[str]]:
+def verify_run(
+    ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None, *, remote_url: str = ""
+) -> dict[int, list[str]]:
     """Re-hash every committed checkpoint; {step: problems} for the bad ones. Changes nothing.
+
+    A checkpoint missing locally whose copy on `remote_url` the ledger marks verified is
+    checked there instead (re-read from the remote, nothing downloaded).
 
     With `checkpoints_dir`, also reports `checkpoint-N` directories that are not committed:
     without a manifest (a save that was interrupted, or is in progress) or unknown to the
@@ -246,7 +300,12 @@ def verify_run(ledger: Ledger, run_id: int, checkpoints_dir: Path | None = None)
     rows = {r.step: r for r in ledger.checkpoints(run_id)}
     for row in rows.values():
         if row.state == CheckpointState.COMMITTED:
-            problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
+            if not Path(row.path).exists() and has_remote_copy(row, remote_url):
+                from ckptflow.remote import verify_remote
+
+                problems = verify_remote(remote_url, ledger.get_run_by_id(run_id).name, row.step, row.manifest_sha256)
+            else:
+                problems = verify_checkpoint(Path(row.path), row.manifest_sha256)
             if problems:
                 bad[row.step] = problems
     for path in checkpoint_dirs(checkpoints_dir) if checkpoints_dir is not None else []:
@@ -304,7 +363,12 @@ def _delete_checkpoint_dir(path: Path) -> None:
 
 
 def prune_checkpoints(
-    ledger: Ledger, run_id: int, prune: Mapping[int, str], *, never_delete: Collection[int] = ()
+    ledger: Ledger,
+    run_id: int,
+    prune: Mapping[int, str],
+    *,
+    never_delete: Collection[int] = (),
+    remote_url: str = "",
 ) -> list[int]:
     """Execute a retention decision: delete the given steps' directories and mark them pruned.
 
@@ -313,7 +377,8 @@ def prune_checkpoints(
     (its manifest must hash to the row's). Order per step, crash-safe: (1) mark the row `pruned` (a
     committed row never points at a deleted directory); (2) rename the directory to
     `.pruning-checkpoint-N` (a half-deleted directory never looks like a checkpoint);
-    (3) delete it. `reconcile` finishes (2)-(3) after a crash. Returns the steps pruned.
+    (3) delete it; (4) delete its remote copy on `remote_url`, if the ledger marks one.
+    `reconcile` finishes (2)-(4) after a crash. Returns the steps pruned.
     """
     protected = set(never_delete)
     rows = {r.step: r for r in ledger.checkpoints(run_id, [CheckpointState.COMMITTED])}
@@ -332,6 +397,8 @@ def prune_checkpoints(
         ledger.mark_checkpoint(run_id, step, CheckpointState.PRUNED, prune[step])  # (1)
         faults.pause("prune-marked", step)
         _delete_checkpoint_dir(path)  # (2), (3)
+        if has_remote_copy(row, remote_url):
+            _delete_remote_copy(ledger, row, remote_url)  # (4)
         done.append(step)
     return done
 

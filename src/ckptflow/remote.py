@@ -50,6 +50,8 @@ T = TypeVar("T")
 # Remote directories, as in the home: <remote_url>/runs/<run>/checkpoints/checkpoint-<step>/.
 RUNS_DIR = "runs"
 CHECKPOINTS_DIR = "checkpoints"
+# Remote directory of exports: <remote_url>/exports/<run>/ (as in the home).
+EXPORTS_DIR = "exports"
 # Run names (design.md, Files): letters, digits, `.`, `_`, `-`, starting with a letter or digit.
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Files transferred or verified at once: several streams hide per-request latency of object stores.
@@ -371,6 +373,77 @@ def delete_remote(remote_url: str, run_name: str, step: int) -> int:
     return removed
 
 
+def export_url(remote_url: str, run_name: str) -> str:
+    """`<remote_url>/exports/<run>` (as given, not masked: for code, not messages)."""
+    return "/".join([remote_url.rstrip("/"), *_export_parts(run_name)])
+
+
+def _export_parts(run_name: str) -> list[str]:
+    _checkpoint_parts(run_name, 0)  # refuses names that could leave the remote root
+    return [EXPORTS_DIR, run_name]
+
+
+def upload_export(local_dir: Path, remote_url: str, run_name: str, marker: str) -> RemoteCopy:
+    """Copy an export directory to `<remote_url>/exports/<run>/`, the file `marker` (its provenance) last.
+
+    Like a checkpoint upload: (1) delete the remote marker, so the directory is not an export
+    while it changes; (2) upload every other file, and delete remote files the new export does
+    not have (an earlier export of the run); (3) write the marker; (4) re-read every file from
+    the remote and compare size and sha256 with what was sent — on a mismatch the marker is
+    removed again and RemoteVerifyError raised. Returns the copy (step 0: exports have none).
+    """
+    started = time.monotonic()
+    local_dir = Path(local_dir)
+    marker_bytes = (local_dir / marker).read_bytes()
+    names = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file() and p.name != marker)
+    store = open_store(remote_url)
+    remote_dir = store.path(*_export_parts(run_name))
+    check_writable_root(store)
+    with explain(store, f"upload of the export of run {run_name} to"):
+        store.forget_listings()
+        remove_file(store, f"{remote_dir}/{marker}")  # (1)
+        entries = tuple(FileEntry(name, (local_dir / name).stat().st_size, "") for name in names)
+        sent = _each_file(lambda e: put_file(store, str(local_dir / e.path), f"{remote_dir}/{e.path}"), entries)  # (2)
+        for stale in set(files_under(store, remote_dir)) - {f"{remote_dir}/{n}" for n in names}:
+            remove_file(store, stale)
+        write_bytes(store, f"{remote_dir}/{marker}", marker_bytes)  # (3)
+        expected = [FileEntry(e.path, size, sha) for e, (sha, size) in zip(entries, sent)]
+        expected.append(FileEntry(marker, len(marker_bytes), hashlib.sha256(marker_bytes).hexdigest()))
+        problems = [p for p in _each_file(lambda e: _verify_file(store, remote_dir, "export", e), tuple(expected)) if p]  # (4)
+        if problems:
+            remove_file(store, f"{remote_dir}/{marker}")
+            raise RemoteVerifyError(f"remote copy of the export of run {run_name} failed verification: " + "; ".join(problems))
+    total = sum(e.size for e in expected)
+    copy = RemoteCopy(
+        url=f"{store.url.rstrip('/')}/{'/'.join(_export_parts(run_name))}",
+        step=0,
+        manifest_sha256=expected[-1].sha256,
+        files=len(expected),
+        bytes=total,
+        seconds=time.monotonic() - started,
+    )
+    log.info("uploaded the export of run %s (%d files, %d bytes) to %s in %.2fs", run_name, copy.files, total, copy.url, copy.seconds)
+    return copy
+
+
+def delete_remote_export(remote_url: str, run_name: str, marker: str) -> int:
+    """Remove `<remote_url>/exports/<run>/`, the marker (provenance) first; returns the number of files removed.
+
+    For export retention: an interrupted delete leaves a directory without its marker, never
+    an export missing files.
+    """
+    store = open_store(remote_url)
+    remote_dir = store.path(*_export_parts(run_name))
+    with explain(store, f"delete of the export of run {run_name} at"):
+        store.forget_listings()
+        removed = int(remove_file(store, f"{remote_dir}/{marker}"))
+        for path in files_under(store, remote_dir):
+            removed += int(remove_file(store, path))
+        if store.is_local:
+            _remove_empty_dirs(store, remote_dir)
+    return removed
+
+
 def _remove_empty_dirs(store: RemoteStore, remote_dir: str) -> None:
     for dirpath, _dirs, _files in os.walk(remote_dir, topdown=False):
         try:
@@ -387,11 +460,15 @@ __all__ = [
     "RemoteCopy",
     "RemoteUnavailableError",
     "RemoteVerifyError",
+    "EXPORTS_DIR",
     "checkpoint_url",
     "delete_remote",
+    "delete_remote_export",
     "download_checkpoint",
+    "export_url",
     "newest_verified_remote",
     "remote_steps",
     "upload_checkpoint",
+    "upload_export",
     "verify_remote",
 ]

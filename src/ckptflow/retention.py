@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from ckptflow.lease import lease_for_write
 from ckptflow.ledger import AttemptStatus, CheckpointState, Ledger
 from ckptflow.policy import RetentionDecision, decide_retention, retention_policy
@@ -19,20 +21,23 @@ def steps_in_use(ledger: Ledger, run_id: int) -> set[int]:
 
 
 def apply_retention(
-    ledger: Ledger, run_id: int, ck: CheckpointSettings, *, dry_run: bool = False
+    ledger: Ledger, run_id: int, ck: CheckpointSettings, *, dry_run: bool = False, uploading: Collection[int] = ()
 ) -> RetentionDecision:
     """Decide over the run's committed checkpoints and, unless `dry_run`, prune what the policy drops.
 
     Pruning happens under the run's lease (the one this process holds, else taken for the
     prune: RunLockedError while another live process trains the run), and the decision is
     made under it too, so it never races a training run's commits or its own retention.
+    Steps in `uploading` (a background upload still reads them) are not deleted now; the
+    next retention after the uploads drained prunes them. Remote copies of pruned
+    checkpoints on `ck.remote_url` are deleted too.
     """
     if dry_run:
         return _decide(ledger, run_id, ck)[0]
     with lease_for_write(ledger, run_id):
         decision, in_use = _decide(ledger, run_id, ck)
         if decision.prune:
-            prune_checkpoints(ledger, run_id, decision.prune, never_delete=in_use)
+            prune_checkpoints(ledger, run_id, decision.prune, never_delete=in_use | set(uploading), remote_url=ck.remote_url)
     return decision
 
 

@@ -144,6 +144,10 @@ class TrainSettings(_Group):
         return value
 
 
+# An URL scheme (RFC 3986): s3, gs, file, az, …
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 class CheckpointSettings(_Group):
     save_strategy: Literal["steps", "epoch"] = Field("steps", description="When HF saves: every save_steps or every epoch.")
     save_steps: int = Field(2, gt=0, le=_MAX_COUNT, description="Save every N optimizer steps (save_strategy=steps).")
@@ -166,6 +170,22 @@ class CheckpointSettings(_Group):
     min_free_bytes: int | None = Field(
         None, ge=0, description="Refuse a save that would leave less free disk; empty = 64 MiB margin."
     )
+    remote_url: str = Field(
+        "",
+        max_length=2048,
+        description="fsspec URL every committed checkpoint is also uploaded to (s3://bucket/prefix, gs://…, file:///path); "
+        "empty = none. S3 endpoint and keys the standard AWS way (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, …).",
+    )
+
+    @field_validator("remote_url")
+    @classmethod
+    def _remote_is_a_url(cls, value: str) -> str:
+        # Only the form is checked here (no network): the bucket is checked when a run opens.
+        value = value.strip()
+        scheme, sep, rest = value.partition("://")
+        if value and not (sep and _URL_SCHEME.fullmatch(scheme) and rest.strip("/")):
+            raise ValueError("must be an fsspec URL with a bucket or directory: s3://bucket/prefix, gs://bucket/prefix, file:///path")
+        return value
 
     @property
     def metric_key(self) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ckptflow.ledger import CheckpointRecord, CheckpointState, Ledger, RunRecord
@@ -24,8 +25,15 @@ def _checkpoint_row(c: CheckpointRecord, metric: str, best: int | None) -> dict[
         "is_best": c.step == best,
         "reason": c.reason,
         "path": c.path,
+        "location": _location(c),
         "created_at": c.created_at.isoformat() if c.created_at else None,
     }
+
+
+def _location(c: CheckpointRecord) -> str | None:
+    """Where the checkpoint lives: `local`, `remote` (a verified copy on checkpoint.remote_url), `both`, or None."""
+    local, remote = Path(c.path).is_dir(), c.remote_at is not None
+    return "both" if local and remote else "local" if local else "remote" if remote else None
 
 
 def checkpoints_view(ledger: Ledger, run_name: str, *, include_all: bool = False) -> list[dict[str, Any]]:

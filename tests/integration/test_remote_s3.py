@@ -35,7 +35,7 @@ from ckptflow.remote_fs import REMOTE_URL_ENV, TRANSFER_BLOCK_SIZE
 from ckptflow.remote_uploader import BackgroundUploader
 from tests.helpers import adapter_weights, max_abs_diff, settings_for
 from tests.s3 import REMOTE_PREFIX as PREFIX
-from tests.s3 import free_port, s3, s3_remote  # noqa: F401 (fixtures)
+from tests.s3 import free_port  # fixtures s3, s3_remote: tests/conftest.py (one server per session: s3fs caches its clients)
 
 pytestmark = pytest.mark.slow
 

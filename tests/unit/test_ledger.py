@@ -61,7 +61,7 @@ def _aware_utc(ts: datetime) -> bool:
 # -- schema / engine --------------------------------------------------------------------
 def test_open_creates_parent_dir_and_migrates_to_head(ledger, tmp_path):
     assert (tmp_path / "nested" / "dir" / "ledger.db").is_file()
-    assert head_revision() == "0004"
+    assert head_revision() == "0005"
     assert ledger.current_revision() == head_revision()
 
 

@@ -162,6 +162,8 @@ class Checkpoint(Base):
     created_at: Mapped[datetime]
     pruned_at: Mapped[datetime | None]
     reason: Mapped[str | None] = mapped_column(Text)
+    # When its copy on checkpoint.remote_url verified (NULL: no verified remote copy).
+    remote_at: Mapped[datetime | None]
 
 
 class Attempt(Base):

@@ -127,6 +127,7 @@ class CheckpointRecord:
     created_at: datetime
     pruned_at: datetime | None
     reason: str | None
+    remote_at: datetime | None = None  # when its remote copy verified (None: no verified remote copy)
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def _ckpt_record(c: Checkpoint, absolute: Callable[[str], str]) -> CheckpointRec
         created_at=c.created_at,
         pruned_at=c.pruned_at,
         reason=c.reason,
+        remote_at=c.remote_at,
     )
 
 
@@ -649,6 +651,7 @@ class Ledger:
             ck.epoch, ck.path, ck.state = None, self._stored(path), CheckpointState.WRITING.value
             ck.metrics, ck.bytes, ck.manifest_sha256 = {}, 0, None
             ck.created_at, ck.pruned_at, ck.reason = now, None, None
+            ck.remote_at = None  # a rewritten checkpoint has no remote copy yet
             s.flush()
             return _ckpt_record(ck, self._absolute)
 
@@ -720,6 +723,23 @@ class Ledger:
         with self._read() as s:
             ck = self._ckpt(s, run_id, step)
             return _ckpt_record(ck, self._absolute) if ck else None
+
+    @_retried_on_disconnect
+    def mark_remote(
+        self, run_id: int, step: int, manifest_sha256: str | None, *, fence: Fence | None = None
+    ) -> bool:
+        """Record that checkpoint `step` has a verified remote copy (now); None clears it (copy deleted or bad).
+
+        With a sha256, only a row that still has that manifest is marked (a checkpoint rewritten
+        since the upload keeps no stale mark). Returns whether the row was changed.
+        """
+        with self._write.begin() as s:
+            self._fence_check(s, run_id, fence)
+            ck = self._ckpt(s, run_id, step)
+            if ck is None or (manifest_sha256 is not None and ck.manifest_sha256 != manifest_sha256):
+                return False
+            ck.remote_at = utcnow() if manifest_sha256 is not None else None
+            return True
 
     # -- attempts ---------------------------------------------------------------------
     @_retried_on_disconnect
