@@ -41,5 +41,7 @@ def prune_exports(settings: Settings) -> dict[str, dict[int, str]]:
     from ckptflow.export_retention import prune_exports as prune
 
     with Ledger(settings.ledger, home=settings.home) as ledger:
-        decision = prune(ledger, settings.home, settings.export.keep_challengers)
+        decision = prune(
+            ledger, settings.home, settings.export.keep_challengers, remote_url=settings.checkpoint.remote_url or None
+        )
     return {"keep": decision.keep, "prune": decision.prune}

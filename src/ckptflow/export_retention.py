@@ -24,6 +24,7 @@ from pathlib import Path
 from ckptflow.export import PROVENANCE_NAME
 from ckptflow.ledger import ExportRecord, Ledger
 from ckptflow.paths import is_within
+from ckptflow.remote import delete_remote_export
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ def challenger_export_ids(ledger: Ledger, exports: list[ExportRecord]) -> set[in
     return {e.id for e in exports if CHALLENGER_RUN.fullmatch(names[e.run_id])}
 
 
-def prune_exports(ledger: Ledger, home: Path, keep_challengers: int, *, dry_run: bool = False) -> ExportRetention:
-    """Apply export retention: delete what it drops (ckptflow's own export directories only) and record it."""
+def prune_exports(
+    ledger: Ledger, home: Path, keep_challengers: int, *, remote_url: str | None = None, dry_run: bool = False
+) -> ExportRetention:
+    """Apply export retention: delete what it drops (ckptflow's own export directories only, and their copies
+    under `remote_url`/exports/) and record it."""
     exports = ledger.exports()
     decision = decide_export_retention(exports, challenger_export_ids(ledger, exports), keep_challengers)
     if dry_run:
@@ -86,6 +90,9 @@ def prune_exports(ledger: Ledger, home: Path, keep_challengers: int, *, dry_run:
             log.info("pruned export %s (%s)", path, reason)
         elif path.exists():
             log.warning("export %s is not one ckptflow wrote under %s/exports: left in place", path, home)
+        if remote_url:
+            run_name = ledger.get_run_by_id(by_id[export_id].run_id).name
+            delete_remote_export(remote_url, run_name, PROVENANCE_NAME)
     return decision
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ckptflow.ledger import AttemptRecord, CheckpointState, Ledger
 from ckptflow.policy import best_step, decide_retention, format_bytes, retention_policy
+from ckptflow.views import checkpoint_location
 from ckptflow.runs import CONFIG_DATA_FINGERPRINT, get_run, run_settings
 
 # HF writes the training log into every checkpoint under this name.
@@ -66,6 +67,7 @@ def checkpoint_rows(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
                 "is_best": c.step == best,
                 "kept": fate,
                 "why": why,
+                "location": checkpoint_location(c) or "—",
                 "path": c.path,
             }
         )

@@ -25,12 +25,12 @@ def _checkpoint_row(c: CheckpointRecord, metric: str, best: int | None) -> dict[
         "is_best": c.step == best,
         "reason": c.reason,
         "path": c.path,
-        "location": _location(c),
+        "location": checkpoint_location(c),
         "created_at": c.created_at.isoformat() if c.created_at else None,
     }
 
 
-def _location(c: CheckpointRecord) -> str | None:
+def checkpoint_location(c: CheckpointRecord) -> str | None:
     """Where the checkpoint lives: `local`, `remote` (a verified copy on checkpoint.remote_url), `both`, or None."""
     local, remote = Path(c.path).is_dir(), c.remote_at is not None
     return "both" if local and remote else "local" if local else "remote" if remote else None

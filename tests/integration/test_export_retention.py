@@ -21,13 +21,14 @@ from ckptflow.promotion import (
     record_decision,
     rollback,
 )
+from ckptflow.remote import upload_export
 from tests.badinput import ckptflow
 
 KEEP = 2
 DECISIONS = 30
 
 
-def _challenger(ledger: Ledger, home: Path, night: int) -> tuple[str, int]:
+def _challenger(ledger: Ledger, home: Path, night: int, remote_url: str | None = None) -> tuple[str, int]:
     """A challenger run with one committed checkpoint and its export directory (what retrain leaves)."""
     name = challenger_name(datetime(2026, 1, 1, 2, tzinfo=UTC) + timedelta(days=night))
     run = ledger.create_run(name, fingerprint=f"fp{night}", config={"settings": {}, "data_fingerprint": f"d{night}"},
@@ -40,24 +41,27 @@ def _challenger(ledger: Ledger, home: Path, night: int) -> tuple[str, int]:
     (export_dir / PROVENANCE_NAME).write_text(json.dumps({"run": name}))
     (export_dir / "model.safetensors").write_bytes(b"weights")
     export = ledger.record_export(run.id, checkpoint_id=ckpt.id, path=str(export_dir), merged=True, metrics={})
+    if remote_url:  # as retrain's export does with checkpoint.remote_url
+        upload_export(export_dir, remote_url, name, PROVENANCE_NAME)
     return name, export.id
 
 
-def test_thirty_decisions_keep_champion_previous_and_last_challengers_then_rollback(home, tmp_path):
+def test_thirty_decisions_keep_champion_previous_and_last_challengers_then_rollback(home, tmp_path, s3, s3_remote):
+    remote_url, bucket = s3_remote
     foreign = home / "exports" / "mine"  # a `ckptflow run` export: never a challenger, never pruned
     foreign.mkdir(parents=True)
     (foreign / PROVENANCE_NAME).write_text("{}")
     champions: list[str] = []
     with Ledger(f"sqlite:///{home / 'ledger.db'}", home=home) as ledger:
         for night in range(DECISIONS):
-            name, export_id = _challenger(ledger, home, night)
+            name, export_id = _challenger(ledger, home, night, remote_url)
             action = "promote" if night % 4 == 0 else "keep"  # a new champion every fourth night
             record = DecisionRecord(action=action, reason="test", data_fingerprint=f"d{night}", margin=0.0,
                                     challenger={"run": name})  # fmt: skip
             record_decision(ledger, home, record, export_id)
             if action == "promote":
                 champions.append(name)
-            prune_exports(ledger, home, KEEP)
+            prune_exports(ledger, home, KEEP, remote_url=remote_url)
         exports = ledger.exports()
     live = {Path(e.path).name for e in exports if e.pruned_at is None}
     last_challengers = {challenger_name(datetime(2026, 1, 1, 2, tzinfo=UTC) + timedelta(days=n)) for n in (28, 29)}
@@ -65,6 +69,9 @@ def test_thirty_decisions_keep_champion_previous_and_last_challengers_then_rollb
     assert live == expected
     on_disk = {p.name for p in (home / "exports").iterdir() if p.is_dir() and not p.is_symlink()}
     assert on_disk == expected | {"mine"}
+    in_bucket = {key.split("/")[2] for key in s3.keys(bucket) if key.endswith(PROVENANCE_NAME)}  # team/exports/<run>/…
+    assert in_bucket == expected
+    assert {key.split("/")[2] for key in s3.keys(bucket)} == expected  # pruned exports left nothing behind
     assert all(e.pruned_reason for e in exports if e.pruned_at is not None)
     assert sum(e.promoted for e in exports) == 1
 
