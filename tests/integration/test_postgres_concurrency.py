@@ -133,10 +133,12 @@ def test_a_database_that_stays_away_fails_the_call_clearly_and_loses_nothing(pos
 RUN_NAMES = ("left", "right")
 
 
-def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home, postgres_url, tmp_path):
-    """The must-show: two real `ckptflow run` processes (each with its own Prefect temporary server) at once."""
+def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home, postgres_url, tmp_path, s3, s3_remote):
+    """The must-show: two real `ckptflow run` processes (each with its own Prefect temporary server) at once, on one
+    Postgres ledger and one bucket."""
     import json
 
+    remote_url, bucket = s3_remote
     from tests.drills import LAST_STEP, cli
 
     started = time.monotonic()
@@ -144,7 +146,11 @@ def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home,
         name: cli(
             "run", "--run-name", name,
             home=home,
-            env={"CKPTFLOW_LEDGER_URL": postgres_url, "PREFECT_HOME": str(tmp_path / f"prefect-{name}")},
+            env={
+                "CKPTFLOW_LEDGER_URL": postgres_url,
+                "CKPTFLOW_CHECKPOINT__REMOTE_URL": remote_url,
+                "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
+            },
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
         for name in RUN_NAMES
@@ -164,13 +170,16 @@ def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home,
             committed = [c.step for c in rows if c.state is CheckpointState.COMMITTED]
             assert committed and committed[-1] == LAST_STEP, [(c.step, c.state) for c in rows]
             assert all((home / "runs" / name / "checkpoints" / f"checkpoint-{s}").is_dir() for s in committed)
+            assert all(c.remote_at is not None for c in rows if c.state is CheckpointState.COMMITTED)  # in the bucket too
+            keys = s3.keys(bucket, f"team/runs/{name}/checkpoints/")
+            assert {k.split("/")[4] for k in keys} == {f"checkpoint-{s}" for s in committed}
             assert all(a.status is AttemptStatus.COMPLETED for a in ledger.attempts(run.id))
             assert ledger.lease_holder(run.id) is None and len(ledger.exports(run.id)) == 1
             spans.append((min(c.created_at for c in rows), max(c.created_at for c in rows)))
     # They really overlapped: each saved checkpoints while the other was training.
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1], spans
     for name in RUN_NAMES:  # every committed checkpoint re-hashes clean, read through the Postgres ledger
-        verify = cli("verify", name, "--json", home=home, env={"CKPTFLOW_LEDGER_URL": postgres_url})
+        verify = cli("verify", name, "--json", home=home, env={"CKPTFLOW_LEDGER_URL": postgres_url, "CKPTFLOW_CHECKPOINT__REMOTE_URL": remote_url})
         assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout + verify.stderr[-2000:]
     print(f"two `ckptflow run`s on one Postgres ledger: both completed in {elapsed:.0f}s")
 
