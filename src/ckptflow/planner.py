@@ -30,7 +30,10 @@ def plan_for_settings(settings: Settings, *, at_step: int | None = None) -> Plan
         settings.checkpoint,
         total_steps=total_steps(settings, prepared.train_rows),
         steps_per_epoch=steps_per_epoch(
-            prepared.train_rows, settings.train.batch_size, settings.train.gradient_accumulation_steps
+            prepared.train_rows,
+            settings.train.batch_size,
+            settings.train.gradient_accumulation_steps,
+            settings.train.world_size,  # DDP: an epoch is counted in global batches
         ),
         chunk_steps=settings.train.chunk_steps,
         bytes_per_checkpoint=estimate_checkpoint_bytes(trainable, extra_bytes=_HF_STATE_BYTES + tokenizer_bytes),
