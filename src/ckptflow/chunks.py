@@ -344,6 +344,7 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
     """
     settings = settings_from_json(job.settings)
     faults.configure(settings.fault)
+    distributed.init_process_group(settings.train.ddp_timeout_seconds)
     if not distributed.is_main_process():
         if plan.total_steps is None:
             raise RuntimeError("the attempt plan has no total_steps: ranks > 0 cannot train without the ledger")

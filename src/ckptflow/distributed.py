@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["is_main_process", "rank", "wait_for_all_ranks", "world_size"]
+__all__ = ["init_process_group", "is_main_process", "rank", "wait_for_all_ranks", "world_size"]
 
 # Set by torchrun in each worker (torch.distributed.run).
 _RANK_ENV = "RANK"
@@ -40,3 +40,22 @@ def wait_for_all_ranks() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def init_process_group(timeout_seconds: int) -> None:
+    """Under torchrun on CPU: start the gloo process group with our timeout before HF does.
+
+    HF passes `ddp_timeout` to accelerate only on GPU; on CPU (use_cpu) it is dropped and a
+    hung rank would hold the others for gloo's default 30 minutes. accelerate reuses a group
+    that already exists. With CUDA, HF's own nccl setup (device per rank, timeout) is kept.
+    """
+    if world_size() <= 1:
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
