@@ -231,3 +231,35 @@ def _watch_then_find_rank(home: Path, ckpt_dir: Path, moment, *, rank: int, runn
                 return found[0]
             time.sleep(0.05)
     raise AssertionError("the moment never came")
+
+
+@pytest.mark.parametrize(("nproc", "total", "per_epoch"), [(1, 4, 2), (2, 2, 1)])
+def test_plan_counts_global_batches(tmp_path, nproc, total, per_epoch):
+    """The tutorial's 4 texts, batch 2, 2 epochs: one rank takes 2 steps per epoch, two ranks 1 (global batch 4)."""
+    env = {"CKPTFLOW_HOME": str(tmp_path / "home"), "CKPTFLOW_TRAIN__LAUNCHER": "torchrun"}
+    env["CKPTFLOW_TRAIN__NPROC_PER_NODE"] = str(nproc)
+    proc = ckptflow("plan", "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert (plan["total_steps"], plan["steps_per_epoch"]) == (total, per_epoch)
+
+
+def test_gradient_checkpointing_chunked_run_is_bit_identical_to_one_chunk(tmp_path):
+    """train.gradient_checkpointing (HF's name) reaches SFTConfig, and chunking stays exact with it on."""
+    finals = []
+    for chunk_steps in (4, LAST_STEP):
+        home = tmp_path / f"chunks-{chunk_steps}"
+        overrides = _overrides(launcher="inprocess", nproc_per_node=1, chunk_steps=chunk_steps, gradient_checkpointing=True)
+        settings = settings_for(home, **overrides)
+        train_without_prefect(settings, RUN)
+        args = _training_args(settings.checkpoints_dir(RUN) / f"checkpoint-{LAST_STEP}")
+        assert args.gradient_checkpointing is True
+        finals.append(_final(home))
+    assert max_abs_diff(*finals) == 0.0
+
+
+def _training_args(checkpoint: Path):
+    """The TrainingArguments HF saved with a checkpoint (training_args.bin)."""
+    import torch
+
+    return torch.load(checkpoint / "training_args.bin", weights_only=False)
