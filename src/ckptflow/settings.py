@@ -131,6 +131,7 @@ class TrainSettings(_Group):
     gradient_checkpointing: bool = Field(
         False, description="HF gradient_checkpointing: recompute activations in backward (less memory, slower)."
     )
+    bf16: bool = Field(False, description="HF bf16: bfloat16 mixed precision (GPUs that support it); false = fp32.")
     report_to: str = Field(
         "none",
         description="HF TrainingArguments.report_to: `none`, or integrations separated by commas "
@@ -259,7 +260,7 @@ def report_to_list(value: str) -> list[str]:
 # and enters the fingerprint as `train.world_size` (see fingerprint_inputs).
 _NOT_IN_FINGERPRINT = {
     "chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "ddp_timeout_seconds", "report_to",
-    "gradient_checkpointing",  # enters only when on (below): fingerprints recorded before it existed stay valid
+    "gradient_checkpointing", "bf16",  # enter only when on (below): fingerprints recorded before they existed stay valid
 }  # fmt: skip
 WORLD_SIZE_KEY = "world_size"
 
@@ -368,8 +369,9 @@ class Settings(BaseSettings):
         train = self.train.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
         if self.train.world_size > 1:  # only then: single-process runs keep the fingerprint they always had
             train[WORLD_SIZE_KEY] = self.train.world_size
-        if self.train.gradient_checkpointing:
-            train["gradient_checkpointing"] = True
+        for switch in ("gradient_checkpointing", "bf16"):
+            if getattr(self.train, switch):
+                train[switch] = True
         return {
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),

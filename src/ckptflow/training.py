@@ -235,7 +235,7 @@ def sft_config(spec: TrainerSpec):
         disable_tqdm=True,
         gradient_checkpointing=s.train.gradient_checkpointing,
         ddp_timeout=s.train.ddp_timeout_seconds,  # bounds a collective that waits for a hung rank
-        bf16=False,
+        bf16=s.train.bf16,
         fp16=False,
         use_cpu=not _cuda_available(),
         dataloader_num_workers=0,

@@ -36,6 +36,7 @@ def test_single_process_runs_keep_their_recorded_fingerprint(case, train):
         ({"launcher": "torchrun", "nproc_per_node": 2}, {"launcher": "torchrun", "nproc_per_node": 3}, False),
         ({"launcher": "torchrun", "nproc_per_node": 2}, {"launcher": "inprocess", "nproc_per_node": 2}, False),
         ({"gradient_checkpointing": True}, {}, False),
+        ({"bf16": True}, {}, False),
     ],
 )
 def test_world_size_and_gradient_checkpointing_enter_the_fingerprint(a, b, same):
