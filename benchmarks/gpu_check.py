@@ -75,14 +75,14 @@ class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[tuple[float, str]] = []
-        self.lock = threading.Lock()
+        self._guard = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        with self.lock:
+        with self._guard:
             self.lines.append((time.monotonic(), record.getMessage()))
 
     def steps(self, since: float = 0.0) -> list[tuple[int, float]]:
-        with self.lock:
+        with self._guard:
             found = [(int(m[1]), t) for t, line in self.lines if t >= since and (m := _STEP_LINE.search(line))]
         return found
 
