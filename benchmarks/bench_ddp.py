@@ -4,13 +4,16 @@ Both variants train the benchmark workload (bench-gpt2, LoRA, demo-large) for th
 number of optimizer steps with the same global batch (8 sequences per step), each in child
 processes started by ckptflow's own launchers, through the library path (no Prefect):
 
-- single: launcher=subprocess, batch_size=8, one process with OMP_NUM_THREADS=2;
+- single: launcher=subprocess, batch_size=8, one process with OMP_NUM_THREADS=1;
 - ddp:    launcher=torchrun, nproc_per_node=2, batch_size=4, OMP_NUM_THREADS=1 per rank.
+
+One thread per process: on a small shared machine, two OpenMP threads in one process
+contend with everything else running (measured: 20x slower than one thread under load).
 
 Steady-state steps/s is measured between the first and the last committed checkpoint (as
 the parent sees the commit lines), so process start and model load are not in it; wall is
-the whole chunk, start included. On a 2-core machine DDP can at best match one process that
-already uses both cores: the table shows what gloo's all-reduce and the second process cost.
+the whole chunk, start included. DDP uses two cores where the single process uses one; the
+table shows what that buys after gloo's all-reduce and the second process's start.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def main() -> None:
         home, model, data = C.prepare_workload(work)
         os.environ["CKPTFLOW_HOME"] = str(home)
         results = {}
-        for label, launcher, threads in (("single process", "subprocess", NPROC), (f"DDP {NPROC} ranks", "torchrun", 1)):
+        for label, launcher, threads in (("single process", "subprocess", 1), (f"DDP {NPROC} ranks", "torchrun", 1)):
             print(f"[ddp] {label} ...", flush=True)
             results[label] = _train(home, model, data, launcher=launcher, steps=steps, save=save, threads=threads)
     base = results["single process"]
