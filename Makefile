@@ -8,7 +8,7 @@ export DO_NOT_TRACK := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench deploy serve clean
+.PHONY: setup run test bench gpu-check deploy serve clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test: $(STAMP)
 # Only `make bench` drops the page cache (cold reads in bench_integrity; needs root); `make test` never does.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --drop-caches
+
+# DDP on every visible GPU, a rank killed and resumed (benchmarks/gpu_check.py); without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 deploy: $(STAMP)
 	bash deployments/deploy.sh

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from ckptflow import faults
+from ckptflow import distributed, faults
 from ckptflow.errors import InsufficientDiskError, LeaseLostError
 from ckptflow.integrity import dir_bytes, quarantine, write_manifest
 from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, flows, drills import it from here)
@@ -31,6 +31,7 @@ from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
 from ckptflow.training import (
     DEFAULT_MIN_FREE_BYTES,
+    AllRanksSavedCallback,
     CommitCallback,
     DiskGuardCallback,
     FaultInjectionCallback,
@@ -121,6 +122,7 @@ class AttemptPlan:
     resume_path: str | None
     notes: list[str] = field(default_factory=list)
     fence: list | None = None  # [run_id, holder, token] of the lease every write of the attempt is fenced by
+    total_steps: int | None = None  # the run's; ranks > 0 of torchrun read it here, not from the ledger
 
     @property
     def lease(self) -> Fence | None:
@@ -214,6 +216,7 @@ def _begin(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, fe
         str(resume.path) if resume else None,
         notes,
         [fence.run_id, fence.holder, fence.token] if fence else None,
+        run.total_steps,
     )
 
 
@@ -338,18 +341,37 @@ def _explain_disk_full(exc: BaseException, settings: Settings, run: RunRecord, l
 
 
 def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
-    """Build a fresh trainer and train from the plan's resume point to the chunk end (any process, any rank)."""
+    """Build a fresh trainer and train from the plan's resume point to the chunk end (any process, any rank).
+
+    Under torchrun only rank 0 opens the ledger; the other ranks train from the parent's plan.
+    """
     settings = settings_from_json(job.settings)
     faults.configure(settings.fault)
+    distributed.init_process_group(settings.train.ddp_timeout_seconds)
+    if not distributed.is_main_process():
+        if plan.total_steps is None:
+            raise RuntimeError("the attempt plan has no total_steps: ranks > 0 cannot train without the ledger")
+        _train(settings, job, plan, plan.total_steps, lambda schedule: (_rank_callbacks(settings, job, schedule), None))
+        return
     ledger = _ledger(job)
     try:
         with _fenced(job, plan.lease):
-            _train(ledger, _run(ledger, job), settings, job, plan)
+            run = _run(ledger, job)
+
+            def rank0(schedule: Schedule) -> tuple[list, CheckpointUploads | None]:
+                uploads = open_uploads(ledger, run, settings.checkpoint.remote_url, plan.lease)
+                return _callbacks(ledger, run, settings, job, plan, schedule, uploads), uploads
+
+            _train(settings, job, plan, run.total_steps, rank0)
     finally:
         ledger.close()
 
 
-def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, plan: AttemptPlan) -> None:
+# Given the run's schedule: the trainer's callbacks, and the background uploads to wait for (None: no remote).
+CallbackFactory = Callable[[Schedule], tuple[list, "CheckpointUploads | None"]]
+
+
+def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: int, make_callbacks: CallbackFactory) -> None:
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
@@ -357,11 +379,11 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
     from ckptflow.pipeline import load_inputs
 
     resolved, tokenizer, data = load_inputs(settings)
-    spec = TrainerSpec(settings.checkpoints_dir(run.name), run.total_steps, settings)
+    spec = TrainerSpec(settings.checkpoints_dir(job.run_name), total_steps, settings)
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
-    os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(run.name) / TENSORBOARD_DIR)
-    schedule = schedule_for(settings, total_steps=run.total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
-    uploads = open_uploads(ledger, run, settings.checkpoint.remote_url if _is_main_process() else "", plan.lease)
+    os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(job.run_name) / TENSORBOARD_DIR)
+    schedule = schedule_for(settings, total_steps=total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
+    callbacks, uploads = make_callbacks(schedule)
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -369,7 +391,7 @@ def _train(ledger: Ledger, run: RunRecord, settings: Settings, job: ChunkJob, pl
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
-        callbacks=_callbacks(ledger, run, settings, job, plan, schedule, uploads),
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
@@ -391,6 +413,23 @@ def _pause_mid_save(trainer: Any) -> None:
     trainer._save_optimizer_and_scheduler = paused
 
 
+def _rank_callbacks(
+    settings: Settings, job: ChunkJob, schedule: Schedule, last_checkpoint_bytes: Callable[[], int] = lambda: 0
+) -> list:
+    """Callbacks every rank runs: save/evaluate/stop on the run's schedule in step, wait for all ranks' files
+    before a commit.
+
+    Ranks > 0 don't read the ledger: their disk guard estimates from the parameter count (size 0 = unknown).
+    """
+    return [
+        PauseCallback(),
+        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
+        DiskGuardCallback(settings.checkpoints_dir(job.run_name), last_checkpoint_bytes, _min_free(settings)),
+        LogCallback(log),
+        AllRanksSavedCallback(distributed.wait_for_all_ranks),  # before CommitCallback: see its docstring
+    ]
+
+
 def _callbacks(
     ledger: Ledger,
     run: RunRecord,
@@ -400,7 +439,7 @@ def _callbacks(
     schedule: Schedule,
     uploads: CheckpointUploads | None = None,
 ) -> list:
-    """The trainer's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
+    """Rank 0's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
     fence = plan.lease
 
@@ -429,14 +468,7 @@ def _callbacks(
         committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
         return max((c.bytes for c in committed), default=0)
 
-    callbacks: list = [
-        PauseCallback(),
-        ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
-        DiskGuardCallback(ckpt_root, estimate, _min_free(settings)),
-        LogCallback(log),
-    ]
-    if not _is_main_process():  # under torchrun only rank 0 commits and heartbeats
-        return callbacks
+    callbacks = _rank_callbacks(settings, job, schedule, estimate)
     callbacks.append(CommitCallback(begin, saved))
     if fence is not None:
         callbacks.append(HeartbeatCallback(lambda: ledger.heartbeat(run.id, fence.holder, token=fence.token)))
@@ -449,10 +481,6 @@ def _callbacks(
 def _metric_text(metrics: dict, settings: Settings) -> str:
     key = settings.checkpoint.metric_key
     return f"{key}={metrics[key]:.6g}" if key in metrics else "no eval metric"
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _min_free(settings: Settings) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, Launch, train_attempt
 from ckptflow.errors import BadInputError, CkptflowError, InsufficientDiskError, LeaseLostError
-from ckptflow.worker import ERROR_LINE_PREFIX, EXIT_BAD_INPUT, EXIT_DISK_FULL, PARENT_PID_ENV
+from ckptflow.worker import ERROR_LINE_PREFIX, EXIT_BAD_INPUT, EXIT_DISK_FULL, PARENT_PID_ENV, TORCHRUN_AGENT_ARG
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ CHILD_ENV_DEFAULTS = {
 }
 # Lines of a failed child's output quoted in the error.
 _TAIL_LINES = 20
+# How gloo / nccl report a collective that waited past the process group's timeout.
+_COLLECTIVE_TIMEOUT = re.compile(r"timed out waiting|collective operation timeout|timeout\(ms\)=", re.IGNORECASE)
 
 
 class ChunkProcessError(CkptflowError):
@@ -87,7 +90,7 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         env = {**CHILD_ENV_DEFAULTS, **os.environ, **job.child_env(), PARENT_PID_ENV: str(os.getpid())}
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         try:
-            tail = _stream(proc, job.chunk)
+            tail, timed_out = _stream(proc, job.chunk)
             code = proc.wait()
         except BaseException:
             _kill(proc)  # we raise (Ctrl-C, a Prefect cancel, a bug): the child must not train on unobserved
@@ -97,19 +100,35 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         if reported is not None:
             raise reported
         raise ChunkProcessError(
-            f"chunk {job.chunk} training process (pid {proc.pid}) {_describe_exit(code)}; last output:\n" + "\n".join(tail)
+            f"chunk {job.chunk} training process (pid {proc.pid}) {_describe_exit(code)}"
+            + _timeout_hint(job, timed_out)
+            + "; last output:\n"
+            + "\n".join(tail)
         )
 
 
-def _stream(proc: subprocess.Popen, chunk: int) -> list[str]:
-    """Log the child's output as it comes; returns its last lines."""
+def _timeout_hint(job: ChunkJob, timed_out: str | None) -> str:
+    if timed_out is None:
+        return ""
+    seconds = job.settings.get("train", {}).get("ddp_timeout_seconds")
+    return (
+        f": a rank waited more than ddp_timeout_seconds={seconds} for the others (one hung or died); if it was only "
+        f"slow, raise CKPTFLOW_TRAIN__DDP_TIMEOUT_SECONDS [{timed_out.strip()[:300]}]"
+    )
+
+
+def _stream(proc: subprocess.Popen, chunk: int) -> tuple[list[str], str | None]:
+    """Log the child's output as it comes; returns its last lines and the first collective-timeout line, if any."""
     assert proc.stdout is not None
     tail: list[str] = []
+    timed_out = None
     for line in proc.stdout:
         line = line.rstrip()
         tail = (tail + [line])[-_TAIL_LINES:]
+        if timed_out is None and _COLLECTIVE_TIMEOUT.search(line):
+            timed_out = line
         log.info("[chunk %d] %s", chunk, line)
-    return tail
+    return tail, timed_out
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -129,8 +148,14 @@ def launch_subprocess(job: ChunkJob, plan: AttemptPlan) -> None:
 
 
 def launch_torchrun(job: ChunkJob, plan: AttemptPlan) -> None:
+    """One `torchrun --standalone --nproc-per-node N` for the chunk (gloo on CPU, nccl with CUDA).
+
+    torchrun's own failure handling tears the chunk down: when a rank dies, the agent stops
+    the others and exits non-zero (no restarts), which raises ChunkProcessError here (retryable).
+    """
     nproc = job.settings["train"]["nproc_per_node"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    agent = [sys.executable, "-m", "ckptflow.worker", TORCHRUN_AGENT_ARG]  # torchrun, dying with us
+    command = agent + ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0"]
     command += _worker_command(Path("{job}"), Path("{plan}"))[1:]
     _run_child(command, job, plan)
 

@@ -159,7 +159,8 @@ def schedule_for(settings: Settings, *, total_steps: int, train_rows: int) -> Sc
     from ckptflow.settings import steps_per_epoch
 
     train = settings.train
-    per_epoch = steps_per_epoch(train_rows, train.batch_size, train.gradient_accumulation_steps)
+    # DDP: an epoch is counted in global batches (batch_size × world size × accumulation).
+    per_epoch = steps_per_epoch(train_rows, train.batch_size, train.gradient_accumulation_steps, train.world_size)
     return run_schedule(
         settings.checkpoint, total_steps=total_steps, steps_per_epoch=per_epoch, chunk_steps=train.chunk_steps
     )

@@ -11,7 +11,7 @@ from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
 from ckptflow.secrets import mask_url
-from ckptflow.settings import Settings, env_var_for, settings_from_json, steps_per_epoch
+from ckptflow.settings import WORLD_SIZE_KEY, Settings, env_var_for, settings_from_json, steps_per_epoch
 
 # Keys of runs.config (JSON).
 CONFIG_SETTINGS = "settings"
@@ -29,11 +29,12 @@ class OpenedRun:
 
 
 def total_steps(settings: Settings, train_rows: int) -> int:
-    """Optimizer steps of the whole run, fixed up front (as HF derives max_steps from epochs)."""
+    """Optimizer steps of the whole run, fixed up front (as HF derives max_steps from epochs, global batch)."""
     if settings.train.max_steps > 0:
         return settings.train.max_steps
-    per_epoch = steps_per_epoch(train_rows, settings.train.batch_size, settings.train.gradient_accumulation_steps)
-    return max(1, math.ceil(settings.train.epochs * per_epoch))
+    tr = settings.train
+    per_epoch = steps_per_epoch(train_rows, tr.batch_size, tr.gradient_accumulation_steps, tr.world_size)
+    return max(1, math.ceil(tr.epochs * per_epoch))
 
 
 def run_fingerprint(settings: Settings, data_fingerprint: str) -> str:
@@ -70,6 +71,8 @@ def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: st
     except ValueError:  # recorded by a version whose settings no longer validate
         before = {}
     after = _flatten(settings.fingerprint_inputs())
+    for flat in (before, after):  # recorded only when > 1 (see Settings.fingerprint_inputs)
+        flat.setdefault(_WORLD_SIZE, 1)
     keys = sorted(set(before) | set(after))
     lines = [
         f"  {k}: {before.get(k)!r} -> {after.get(k)!r} ({_env_name(k)})" for k in keys if before.get(k) != after.get(k)
@@ -80,7 +83,14 @@ def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: st
     return "\n".join(lines) or "  (fingerprint algorithm changed)"
 
 
+# The world size is no setting of its own: it comes from these two.
+_WORLD_SIZE = f"train.{WORLD_SIZE_KEY}"
+_WORLD_SIZE_SOURCES = "CKPTFLOW_TRAIN__NPROC_PER_NODE with CKPTFLOW_TRAIN__LAUNCHER=torchrun; else 1"
+
+
 def _env_name(dotted: str) -> str:
+    if dotted == _WORLD_SIZE:
+        return _WORLD_SIZE_SOURCES
     return env_var_for(tuple(dotted.split(".")))
 
 

@@ -119,7 +119,19 @@ class TrainSettings(_Group):
     launcher: Literal["inprocess", "subprocess", "torchrun"] = Field(
         "inprocess", description="Where a chunk runs: this process, a child process, or torchrun (DDP)."
     )
-    nproc_per_node: int = Field(2, gt=0, le=_MAX_NPROC, description="Processes per node for launcher=torchrun.")
+    nproc_per_node: int = Field(
+        1, gt=0, le=_MAX_NPROC, description="DDP ranks per node for launcher=torchrun (part of the run fingerprint)."
+    )
+    ddp_timeout_seconds: int = Field(
+        1800,
+        gt=0,
+        le=_MAX_COUNT,
+        description="HF ddp_timeout: seconds a rank waits for the others in a collective before the chunk fails.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="HF gradient_checkpointing: recompute activations in backward (less memory, slower)."
+    )
+    bf16: bool = Field(False, description="HF bf16: bfloat16 mixed precision (GPUs that support it); false = fp32.")
     report_to: str = Field(
         "none",
         description="HF TrainingArguments.report_to: `none`, or integrations separated by commas "
@@ -134,6 +146,16 @@ class TrainSettings(_Group):
         if unknown:
             raise ValueError(f"unknown integration {', '.join(map(repr, unknown))}; HF knows {', '.join(REPORT_INTEGRATIONS)}")
         return ",".join(names) or "none"
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: nproc_per_node under torchrun (one node), else 1."""
+        return self.nproc_per_node if self.launcher == "torchrun" else 1
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step, over all ranks."""
+        return self.batch_size * self.world_size * self.gradient_accumulation_steps
 
     @field_validator("max_steps")
     @classmethod
@@ -254,6 +276,14 @@ def report_to_list(value: str) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
+# Train settings that do not change the weights (where and how a chunk runs); the world size does,
+# and enters the fingerprint as `train.world_size` (see fingerprint_inputs).
+_NOT_IN_FINGERPRINT = {
+    "chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "ddp_timeout_seconds", "report_to",
+    "gradient_checkpointing", "bf16",  # enter only when on (below): fingerprints recorded before they existed stay valid
+}  # fmt: skip
+WORLD_SIZE_KEY = "world_size"
+
 # Top-level settings that may hold credentials: never serialized (to_json), never echoed in errors.
 SECRET_FIELDS = ("ledger_url",)
 
@@ -356,12 +386,16 @@ class Settings(BaseSettings):
 
     def fingerprint_inputs(self) -> dict[str, Any]:
         """The settings that change the trained weights, by group (what `training_fingerprint` hashes)."""
+        train = self.train.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
+        if self.train.world_size > 1:  # only then: single-process runs keep the fingerprint they always had
+            train[WORLD_SIZE_KEY] = self.train.world_size
+        for switch in ("gradient_checkpointing", "bf16"):
+            if getattr(self.train, switch):
+                train[switch] = True
         return {
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),
-            "train": self.train.model_dump(
-                mode="json", exclude={"chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "report_to"}
-            ),
+            "train": train,
             "checkpoint": self.checkpoint.model_dump(
                 mode="json", include={"save_strategy", "save_steps", "eval_strategy", "eval_steps"}
             ),
@@ -565,7 +599,11 @@ def settings_from_json(config: dict[str, Any]) -> Settings:
         ) from None
 
 
-def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch, as HF Trainer counts them (single process)."""
-    batches = math.ceil(num_examples / batch_size)
-    return max(1, math.ceil(batches / grad_accum))
+def steps_per_epoch(num_examples: int, batch_size: int, grad_accum: int, world_size: int = 1) -> int:
+    """Optimizer steps in one epoch, as HF Trainer counts them.
+
+    Under DDP each rank gets ceil(batches / world_size) micro-batches (accelerate shards whole
+    batches and pads the last round), so an epoch is ceil(examples / global batch) steps.
+    """
+    batches_per_rank = math.ceil(math.ceil(num_examples / batch_size) / world_size)
+    return max(1, math.ceil(batches_per_rank / grad_accum))

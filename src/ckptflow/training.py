@@ -138,6 +138,22 @@ class DiskGuardCallback(TrainerCallback):
         return control
 
 
+class AllRanksSavedCallback(TrainerCallback):
+    """DDP: on_save returns only once every rank has written its files of the checkpoint.
+
+    HF calls on_save right after `_save_checkpoint` with no barrier in between, so without
+    this rank 0 could hash and commit `checkpoint-N` while rank 1 is still writing its
+    `rng_state_1.pth`. Every rank registers it, before CommitCallback.
+    """
+
+    def __init__(self, wait: Callable[[], None]) -> None:
+        self.wait = wait
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.wait()
+        return control
+
+
 class CommitCallback(TrainerCallback):
     """Hand every save to ckptflow: `writing` before HF writes, commit (manifest + ledger) after."""
 
@@ -233,7 +249,9 @@ def sft_config(spec: TrainerSpec):
         max_length=s.model.max_length,
         report_to=report_to_list(s.train.report_to) or "none",
         disable_tqdm=True,
-        bf16=False,
+        gradient_checkpointing=s.train.gradient_checkpointing,
+        ddp_timeout=s.train.ddp_timeout_seconds,  # bounds a collective that waits for a hung rank
+        bf16=s.train.bf16,
         fp16=False,
         use_cpu=not _cuda_available(),
         dataloader_num_workers=0,

@@ -25,6 +25,8 @@ EXIT_DISK_FULL = 3
 ERROR_LINE_PREFIX = "ckptflow-error: "
 # Env var with the launching process's pid: the worker dies with it.
 PARENT_PID_ENV = "CKPTFLOW_LAUNCHER_PID"
+# First argument that makes this module exec torchrun's agent instead of training (see exec_torchrun).
+TORCHRUN_AGENT_ARG = "torchrun-agent"
 # Linux prctl option: deliver a signal to this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
@@ -53,7 +55,22 @@ def _die_with_parent() -> bool:
     return launcher is None or "RANK" in os.environ or os.getppid() == int(launcher)
 
 
+def exec_torchrun(argv: list[str]) -> None:
+    """Become `python -m torch.distributed.run ARGV`, set to die with the launching process.
+
+    torchrun's agent does not notice its parent's death: after `kill -9` of `ckptflow run`
+    it would keep its ranks training. PDEATHSIG survives exec; the ranks die with the agent
+    (see `_die_with_parent`).
+    """
+    if not _die_with_parent():
+        raise SystemExit("the launching process is gone; not starting torchrun")
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *argv])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [TORCHRUN_AGENT_ARG]:
+        exec_torchrun(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ckptflow.worker")
     parser.add_argument("--job", type=Path, required=True)
     parser.add_argument("--plan", type=Path, required=True)

@@ -274,7 +274,7 @@ def test_a_recorded_config_that_no_longer_validates_is_bad_input(home):
         ("[train]\n\nsave_steps = 2\n", {}, "", ["c.toml:3", "belongs under [checkpoint]"]),
         ("train.sed = 1\n", {}, "", ["c.toml:1", "did you mean `train.seed`?"]),
         ("checkpoint = { save_step = 2 }\n", {}, "", ["c.toml:1", "did you mean `checkpoint.save_steps`?"]),
-        ("[train]\nzzzz = 1\n", {}, "", ["c.toml:2", "[train] has: batch_size, chunk_steps"]),
+        ("[train]\nzzzz = 1\n", {}, "", ["c.toml:2", "[train] has: batch_size, bf16, chunk_steps"]),
         ("[model]\nlora_target_modules = [\n  \"c_attn\",\n]\nlora_rr = 4\n", {}, "", ["c.toml:5", "`model.lora_r`"]),
         ("", {"CKPTFLOW_CHEKPOINT__SAVE_STEPS": "4"}, "", ["environment", "CKPTFLOW_CHEKPOINT__SAVE_STEPS", "did you mean CKPTFLOW_CHECKPOINT__SAVE_STEPS?"]),
         ("", {"CKPTFLOW_CHECKPOINT_SAVE_STEPS": "4"}, "", ["environment", "double underscore", "CKPTFLOW_CHECKPOINT__SAVE_STEPS?"]),
