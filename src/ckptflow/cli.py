@@ -418,8 +418,10 @@ def export(
     ledger = _ledger(settings)
     try:
         run_record = get_run(ledger, run_name)
-        if step is not None and ledger.get_checkpoint(run_record.id, step) is None:  # refuse before the lease is taken
-            raise BadInputError(f"run {run_name!r} has no checkpoint at step {step}; `ckptflow checkpoints {run_name}` lists them")
+        if step is not None and not _committed(ledger.get_checkpoint(run_record.id, step)):  # before the lease
+            raise BadInputError(
+                f"run {run_name!r} has no committed checkpoint at step {step}; `ckptflow checkpoints {run_name}` lists them"
+            )
         recorded = run_settings(run_record)
     finally:
         ledger.close()
@@ -504,6 +506,12 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     for row in rows:
         table.add_row(*(_cell(row.get(c)) for c in columns))
     out.print(table)
+
+
+def _committed(checkpoint: Any) -> bool:
+    from ckptflow.ledger import CheckpointState
+
+    return checkpoint is not None and checkpoint.state == CheckpointState.COMMITTED
 
 
 def _busy(message: str):
