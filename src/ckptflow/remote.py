@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
@@ -26,6 +25,7 @@ from typing import TypeVar
 
 from ckptflow.errors import CorruptCheckpointError
 from ckptflow.integrity import MANIFEST_NAME, FileEntry, Manifest, checkpoint_step, read_manifest, verify_checkpoint
+from ckptflow.paths import InvalidRunNameError, validate_run_name
 from ckptflow.remote_fs import (
     REMOTE_URL_ENV,
     RemoteConfigError,
@@ -52,8 +52,6 @@ RUNS_DIR = "runs"
 CHECKPOINTS_DIR = "checkpoints"
 # Remote directory of exports: <remote_url>/exports/<run>/ (as in the home).
 EXPORTS_DIR = "exports"
-# Run names (design.md, Files): letters, digits, `.`, `_`, `-`, starting with a letter or digit.
-_RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 # Files transferred or verified at once: several streams hide per-request latency of object stores.
 TRANSFER_WORKERS = 4
 # Prefix of the temporary directory a download is assembled in, beside its destination.
@@ -83,11 +81,10 @@ def checkpoint_url(remote_url: str, run_name: str, step: int) -> str:
 
 def _checkpoint_parts(run_name: str, step: int) -> list[str]:
     """Path parts of a checkpoint below the remote root; refuses names that could leave it."""
-    if not isinstance(run_name, str) or not _RUN_NAME_RE.fullmatch(run_name) or ".." in run_name:
-        raise RemoteConfigError(
-            f"run name {run_name!r} cannot address a remote checkpoint: use letters, digits, '.', '_', '-' "
-            "(starting with a letter or digit, no '..', at most 100 characters) — pass another --run-name"
-        )
+    try:
+        validate_run_name(run_name)  # the one grammar (ckptflow.paths): nothing can address outside the run's prefix
+    except InvalidRunNameError as exc:
+        raise RemoteConfigError(f"{exc} (it cannot address a remote checkpoint)") from None
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise RemoteConfigError(f"checkpoint step {step!r} is not a non-negative integer")
     return [RUNS_DIR, run_name, CHECKPOINTS_DIR, f"checkpoint-{step}"]
