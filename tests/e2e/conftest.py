@@ -153,3 +153,19 @@ def start_stack(root: Path, *, auth_string: str | None = None) -> Iterator[Stack
 def stack(tmp_path_factory) -> Iterator[Stack]:
     with start_stack(tmp_path_factory.mktemp("prefect-stack")) as started:
         yield started
+
+
+# How long an e2e test waits for a flow run to reach a final state (seconds).
+FLOW_RUN_TIMEOUT_S = 300
+
+
+def wait_final(client, flow_run_id, stack: Stack):
+    """The flow run once its state is final; AssertionError with the worker's log tail after FLOW_RUN_TIMEOUT_S."""
+    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(1)
+    worker_log = (stack.logs / "worker.log").read_text()[-5000:]
+    raise AssertionError(f"flow run {flow_run_id} not finished after {FLOW_RUN_TIMEOUT_S}s; worker log:\n{worker_log}")

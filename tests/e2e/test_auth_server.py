@@ -20,12 +20,11 @@ from collections.abc import Iterator
 import pytest
 from prefect.client.orchestration import SyncPrefectClient
 
-from tests.e2e.conftest import BIN, POOL, REPO, Stack, start_process, start_stack, stop_process
+from tests.e2e.conftest import BIN, POOL, REPO, Stack, start_process, start_stack, stop_process, wait_final
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RUN = "auth"
-FLOW_RUN_TIMEOUT_S = 300
 # Chunks of 2 of the demo's 4 steps: two task runs, no fault.
 FINETUNE_PARAMETERS = {"run_name": RUN, "overrides": {"train": {"chunk_steps": 2}}}
 # The message deploy.sh and `ckptflow serve` print on a 401.
@@ -60,17 +59,6 @@ def _without_auth(stack: Stack, **extra: str) -> dict[str, str]:
 
 def _client(stack: Stack) -> SyncPrefectClient:
     return SyncPrefectClient(stack.api_url, auth_string=stack.auth_string)
-
-
-def _wait_final(client: SyncPrefectClient, flow_run_id, stack: Stack):
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        time.sleep(1)
-    raise AssertionError(f"flow run {flow_run_id} not final after {FLOW_RUN_TIMEOUT_S}s:\n"
-                         f"{(stack.logs / 'worker.log').read_text()[-5000:]}")
 
 
 @pytest.mark.parametrize(
@@ -125,7 +113,7 @@ def test_an_authenticated_worker_runs_the_finetune_deployment(auth_stack):
         deployment = client.read_deployment_by_name("finetune/finetune")
         assert deployment.work_pool_name == POOL
         flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=FINETUNE_PARAMETERS)
-        flow_run = _wait_final(client, flow_run.id, auth_stack)
+        flow_run = wait_final(client, flow_run.id, auth_stack)
         assert flow_run.state.is_completed(), flow_run.state
         assert flow_run.work_pool_name == POOL
     export = auth_stack.ckptflow_home / "exports" / RUN

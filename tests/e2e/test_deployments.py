@@ -17,12 +17,11 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 
 from ckptflow.ledger import AttemptStatus, Ledger
 from ckptflow.promotion import CHAMPION_FILE, SKIPPED_NO_NEW_DATA
-from tests.e2e.conftest import BIN, POOL, REPO, start_process, stop_process
+from tests.e2e.conftest import BIN, FLOW_RUN_TIMEOUT_S, POOL, REPO, start_process, stop_process, wait_final
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RUN = "e2e"
-FLOW_RUN_TIMEOUT_S = 300
 # Chunks of 2 of the demo's 4 steps; the first attempt of chunk 1 (steps 2-4) fails at step 3.
 FINETUNE_PARAMETERS = {
     "run_name": RUN,
@@ -31,17 +30,6 @@ FINETUNE_PARAMETERS = {
         "fault": {"at_step": 3, "mode": "raise", "times": 1},
     },
 }
-
-
-def _wait_final(client: SyncPrefectClient, flow_run_id: UUID, stack) -> object:
-    deadline = time.monotonic() + FLOW_RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-        run = client.read_flow_run(flow_run_id)
-        if run.state is not None and run.state.is_final():
-            return run
-        time.sleep(1)
-    worker_log = (stack.logs / "worker.log").read_text()[-5000:]
-    raise AssertionError(f"flow run {flow_run_id} not finished after {FLOW_RUN_TIMEOUT_S}s; worker log:\n{worker_log}")
 
 
 def _task_runs(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, object]:
@@ -74,7 +62,7 @@ def test_finetune_deployment_retries_a_chunk_and_publishes_artifacts(stack):
         assert "FinetuneOverrides" in json.dumps(deployment.parameter_openapi_schema)
 
         flow_run = client.create_flow_run_from_deployment(deployment.id, parameters=FINETUNE_PARAMETERS)
-        flow_run = _wait_final(client, flow_run.id, stack)
+        flow_run = wait_final(client, flow_run.id, stack)
         assert flow_run.state.is_completed(), flow_run.state
 
         # One task run per chunk, named with its steps; chunk 1 ran twice (a retry) in ONE task run.
@@ -171,7 +159,7 @@ def test_ckptflow_serve_runs_both_flows_without_a_work_pool(stack):
             # The finished run `e2e` again: served, it completes at once ("already completed").
             finetune_deployment = client.read_deployment_by_name("finetune/finetune")
             flow_run = client.create_flow_run_from_deployment(finetune_deployment.id, parameters={"run_name": RUN})
-            flow_run = _wait_final(client, flow_run.id, stack)
+            flow_run = wait_final(client, flow_run.id, stack)
             assert flow_run.state.is_completed(), flow_run.state
             assert str(flow_run.id) in log.read_text()  # run by the serve process
             tasks = {name.rsplit("-", 1)[0]: t.state.name for name, t in _task_runs(client, flow_run.id).items()}
