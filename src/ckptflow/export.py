@@ -206,14 +206,14 @@ def export_target(settings: Settings, run_name: str, *, out: Path | None, force:
 
 def _ledger_file(ledger_url: str) -> Path | None:
     """The SQLite ledger's file (None for a server database, or a URL that opening the ledger will report)."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    from ckptflow.sqlite_url import sqlite_file
+
     try:
-        url = make_url(ledger_url)
+        return sqlite_file(ledger_url)
     except ArgumentError:
         return None
-    return Path(url.database) if url.get_backend_name() == "sqlite" and url.database else None
 
 
 def _is_export(path: Path) -> bool:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import ConfigError, HomeError, LedgerError
 from ckptflow.settings import Settings, env_var_for
+from ckptflow.sqlite_url import sqlite_file
 
 if TYPE_CHECKING:
     from ckptflow.data import SplitSizes
@@ -168,17 +169,6 @@ def _check_driver(url: str, parsed: Any) -> None:
         ) from None
 
 
-def _sqlite_file(url: str) -> Path | None:
-    """The file of a file-based SQLite URL, else None (same rule as the ledger's, without importing it)."""
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    db = u.database
-    if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory":
-        return None
-    return Path(db)
-
-
 def readonly_sqlite_uri(path: Path) -> str:
     """The sqlite3 URI that opens `path` read-only.
 
@@ -198,7 +188,7 @@ def _sqlite_revision(url: str) -> str | None:
     """The alembic revision of a SQLite ledger file, read without writing (None: no ledger yet)."""
     import sqlite3
 
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None or not path.exists():
         return None
     if path.is_dir():
@@ -257,7 +247,7 @@ def _server_revision(url: str) -> str | None:
 
 def ledger_exists(settings: Settings) -> bool:
     """False for a SQLite ledger whose file is missing or empty (nothing recorded yet); servers always exist."""
-    path = _sqlite_file(settings.ledger)
+    path = sqlite_file(settings.ledger)
     if path is None:
         return True
     return path.is_file() and path.stat().st_size > 0
@@ -383,7 +373,7 @@ def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | N
 def _check_ledger_dir(settings: Settings) -> None:
     """A SQLite ledger outside the home needs a writable directory too."""
     try:
-        path = _sqlite_file(settings.ledger)
+        path = sqlite_file(settings.ledger)
     except Exception:  # a bad URL: check_ledger says what is wrong
         return
     if path is None or path.exists():

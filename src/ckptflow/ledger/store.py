@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ckptflow.errors import LeaseLostError, LedgerError, LedgerUnavailableError, RunLockedError
+from ckptflow.sqlite_url import sqlite_file
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.policy import Ckpt, best_of, metric_value
 from ckptflow.ledger.models import (
@@ -236,17 +237,6 @@ def _export_record(e: Export, step: int, absolute: Callable[[str], str]) -> Expo
 
 
 # -- engine ----------------------------------------------------------------------------
-def _sqlite_file(url: str) -> Path | None:
-    """The database file of a file-based SQLite URL, else None."""
-    u = make_url(url)
-    if u.get_backend_name() != "sqlite":
-        return None
-    db = u.database
-    if not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory":
-        return None
-    return Path(db)
-
-
 def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
     """An engine for `url`; for SQLite with WAL, busy timeout, foreign keys and BEGIN IMMEDIATE writes.
 
@@ -256,7 +246,7 @@ def make_engine(url: str, *, readonly: bool = False, **kwargs: Any) -> Engine:
     u = make_url(url)
     if u.get_backend_name() != "sqlite":
         return create_engine(u, pool_pre_ping=True, **kwargs)
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     connect_args: dict[str, Any] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     if path is None:  # in-memory: one shared connection, or every checkout sees an empty database
         connect_args["check_same_thread"] = False
@@ -431,7 +421,7 @@ class Ledger:
         """
         self.url = url
         self.readonly = readonly
-        self._sqlite_path = _sqlite_file(url)
+        self._sqlite_path = sqlite_file(url)
         self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
         self._engine = make_engine(url, readonly=readonly)
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
