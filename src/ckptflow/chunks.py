@@ -16,11 +16,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ckptflow import distributed, faults
 from ckptflow.errors import InsufficientDiskError, LeaseLostError
-from ckptflow.integrity import dir_bytes, quarantine, write_manifest
+from ckptflow.committer import BackgroundCommitter, CommitterLedger, CommittedSize, commit_checkpoint
+from ckptflow.integrity import dir_bytes, quarantine
 from ckptflow.lease import lease_holder_id  # noqa: F401 - re-exported (tasks, flows, drills import it from here)
 from ckptflow.ledger import AttemptStatus, CheckpointState, Fence, Ledger, RunRecord, holding
 from ckptflow.policy import format_bytes
@@ -351,24 +352,36 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
     if not distributed.is_main_process():
         if plan.total_steps is None:
             raise RuntimeError("the attempt plan has no total_steps: ranks > 0 cannot train without the ledger")
-        _train(settings, job, plan, plan.total_steps, lambda schedule: (_rank_callbacks(settings, job, schedule), None))
+        _train(
+            settings, job, plan, plan.total_steps,
+            lambda schedule: (_rank_callbacks(settings, job, schedule), contextlib.nullcontext()),
+        )  # fmt: skip
         return
     ledger = _ledger(job)
     try:
         with _fenced(job, plan.lease):
             run = _run(ledger, job)
 
-            def rank0(schedule: Schedule) -> tuple[list, CheckpointUploads | None]:
+            def rank0(schedule: Schedule) -> tuple[list, contextlib.AbstractContextManager]:
                 uploads = open_uploads(ledger, run, settings.checkpoint.remote_url, plan.lease)
-                return _callbacks(ledger, run, settings, job, plan, schedule, uploads), uploads
+                callbacks, committer = _callbacks(ledger, run, settings, job, plan, schedule, uploads)
+                return callbacks, _background(uploads, committer)
 
             _train(settings, job, plan, run.total_steps, rank0)
     finally:
         ledger.close()
 
 
-# Given the run's schedule: the trainer's callbacks, and the background uploads to wait for (None: no remote).
-CallbackFactory = Callable[[Schedule], tuple[list, "CheckpointUploads | None"]]
+# Given the run's schedule: the trainer's callbacks, and what to run training inside (rank 0: the background
+# commits and uploads, waited for when training ends or fails).
+CallbackFactory = Callable[[Schedule], tuple[list, contextlib.AbstractContextManager]]
+
+
+@contextlib.contextmanager
+def _background(uploads: CheckpointUploads | None, committer: BackgroundCommitter) -> Iterator[None]:
+    """Around training: the committer closes first (it submits uploads), then every upload must verify."""
+    with uploading(uploads), committer:
+        yield
 
 
 def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: int, make_callbacks: CallbackFactory) -> None:
@@ -383,7 +396,7 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(job.run_name) / TENSORBOARD_DIR)
     schedule = schedule_for(settings, total_steps=total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
-    callbacks, uploads = make_callbacks(schedule)
+    callbacks, background = make_callbacks(schedule)
     trainer = SFTTrainer(
         model=load_base_model(resolved),
         args=sft_config(spec),
@@ -396,7 +409,7 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
         _pause_mid_save(trainer)
-    with uploading(uploads):  # the attempt succeeds only once every upload verified
+    with background:  # the attempt succeeds only once every commit is durable and every upload verified
         trainer.train(resume_from_checkpoint=plan.resume_path)
 
 
@@ -438,44 +451,38 @@ def _callbacks(
     plan: AttemptPlan,
     schedule: Schedule,
     uploads: CheckpointUploads | None = None,
-) -> list:
-    """Rank 0's callbacks; every ledger write is fenced by the plan's lease (a lost lease raises)."""
+) -> tuple[list, BackgroundCommitter]:
+    """Rank 0's callbacks and the committer they hand saves to; every ledger write is fenced by the plan's
+    lease (a lost lease raises)."""
     ckpt_root = settings.checkpoints_dir(run.name)
     fence = plan.lease
+    # The commits run on the committer's thread, through its own ledger (never this thread's connections).
+    commit_ledger = CommitterLedger(ledger)
+    committer = BackgroundCommitter(on_close=commit_ledger.close)
+    committed = CommittedSize(max((c.bytes for c in ledger.checkpoints(run.id, [CheckpointState.COMMITTED])), default=0))
 
     def begin(step: int) -> None:
-        ledger.begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()), fence=fence)
+        commit_ledger.get().begin_checkpoint(run.id, step, str(checkpoint_dir(ckpt_root, step).resolve()), fence=fence)
         faults.pause("save-begun", step)
 
     def saved(step: int, epoch: float | None, metrics: dict) -> None:
-        path = checkpoint_dir(ckpt_root, step)
-        faults.pause("files-written", step)
-        if fence is not None:  # lost meanwhile: stop before the manifest makes the directory look complete
-            ledger.heartbeat(run.id, fence.holder, token=fence.token)
-        manifest, sha = write_manifest(path, step=step, metrics=metrics, settings_digest=run.fingerprint)
-        faults.pause("manifest-written", step)
-        ledger.commit_checkpoint(
-            run.id, step, epoch=epoch, metrics=metrics, bytes=manifest.total_bytes, manifest_sha256=sha, fence=fence
-        )
+        manifest = commit_checkpoint(
+            commit_ledger.get(), run, settings.checkpoint, checkpoint_dir(ckpt_root, step), step,
+            epoch=epoch, metrics=metrics, fence=fence,
+            submit_upload=uploads.submit if uploads is not None else None,
+            uploading=uploads.uploading if uploads is not None else frozenset,
+        )  # fmt: skip
+        committed.bytes = manifest.total_bytes
         log.info("committed checkpoint-%d (%d bytes, %s)", step, manifest.total_bytes, _metric_text(metrics, settings))
-        if uploads is not None:
-            uploads.submit(path, step)  # in the background, after the local commit
-        decision = apply_retention(ledger, run.id, settings.checkpoint, uploading=uploads.uploading() if uploads else ())
-        for pruned, reason in decision.prune.items():
-            log.info("pruned checkpoint-%d: %s", pruned, reason)
 
-    def estimate() -> int:
-        committed = ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])
-        return max((c.bytes for c in committed), default=0)
-
-    callbacks = _rank_callbacks(settings, job, schedule, estimate)
-    callbacks.append(CommitCallback(begin, saved))
+    callbacks = _rank_callbacks(settings, job, schedule, lambda: committed.bytes)
+    callbacks.append(CommitCallback(committer, begin, saved))
     if fence is not None:
         callbacks.append(HeartbeatCallback(lambda: ledger.heartbeat(run.id, fence.holder, token=fence.token)))
     fault = settings.fault
     if fault.at_step is not None and plan.attempt <= fault.times and job.start_step < fault.at_step <= job.end_step:
         callbacks.insert(0, FaultInjectionCallback(fault.at_step, fault.mode))
-    return callbacks
+    return callbacks, committer
 
 
 def _metric_text(metrics: dict, settings: Settings) -> str:

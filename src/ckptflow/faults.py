@@ -18,12 +18,17 @@ from ckptflow.settings import FaultSettings
 log = logging.getLogger(__name__)
 
 # Where `pause` can stop, and the state a drill observes while it sleeps there.
+# Where `pause` can stop, and the state a drill observes while it sleeps there. The points of the
+# commit (save-begun … commit-recorded, prune-*) run on the background committer's thread: training
+# goes on meanwhile, up to the chunk end, where it waits for the commits.
 PAUSE_POINTS: dict[str, str] = {
     "step-end": "optimizer step N is done, nothing of it saved yet",
-    "save-begun": "the ledger row of checkpoint N is `writing`; HF has written nothing yet",
+    "save-begun": "the ledger row of checkpoint N is `writing` (recorded in the background while HF writes)",
     "mid-save": "HF wrote the adapter weights of checkpoint N, not yet the optimizer state; no manifest",
-    "files-written": "HF wrote every file of checkpoint N; no manifest yet",
+    "files-written": "HF wrote every file of checkpoint N; its commit has not started (no manifest)",
+    "files-hashed": "every file of checkpoint N is hashed and fsynced; no manifest yet",
     "manifest-written": "the manifest of checkpoint N is in place; the ledger row is still `writing`",
+    "commit-recorded": "the ledger row of checkpoint N is `committed`; retention has not run for it yet",
     "prune-marked": "the ledger row of pruned checkpoint N says `pruned`; its directory is untouched",
     "prune-renamed": "pruned checkpoint N was renamed to .pruning-checkpoint-N, not yet deleted",
     "export-written": "the export of checkpoint N is written and checked in a temp dir, not swapped in",

@@ -150,23 +150,37 @@ def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
     return sorted(out, key=lambda p: p.relative_to(checkpoint_dir).as_posix())
 
 
-def write_manifest(
-    checkpoint_dir: Path, *, step: int, metrics: dict[str, Any], settings_digest: str
-) -> tuple[Manifest, str]:
-    """Hash every file (several at once), then atomically write the manifest. Returns (manifest, sha256 of the manifest file).
+def hash_files(checkpoint_dir: Path) -> tuple[FileEntry, ...]:
+    """Hash and fsync every file of the checkpoint (several at once), then fsync the directories that hold them.
 
-    Steps: (1) hash each file and fsync it, so the data is durable before the manifest
-    says it is complete; (2) fsync the directories that hold files; (3) write the JSON to
-    a temp name and fsync it; (4) os.replace it into place; (5) fsync the directory.
+    When this returns the files' data and names are durable, so a manifest listing them may be written.
     """
     checkpoint_dir = Path(checkpoint_dir)
     files = _checkpoint_files(checkpoint_dir)
     sizes = [p.stat().st_size for p in files]
-    hashed = _parallel(lambda p: _hash_and_sync(p, HASH_BLOCK_SIZE, fsync=True), files, sizes)  # (1)
-    entries = [FileEntry(p.relative_to(checkpoint_dir).as_posix(), size, digest) for p, (digest, size) in zip(files, hashed)]
+    hashed = _parallel(lambda p: _hash_and_sync(p, HASH_BLOCK_SIZE, fsync=True), files, sizes)
     dirs = {checkpoint_dir, *(p.parent for p in files)}
-    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):  # (2)
+    for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
         _fsync_dir(d)
+    return tuple(FileEntry(p.relative_to(checkpoint_dir).as_posix(), size, digest) for p, (digest, size) in zip(files, hashed))
+
+
+def write_manifest(
+    checkpoint_dir: Path,
+    *,
+    step: int,
+    metrics: dict[str, Any],
+    settings_digest: str,
+    files: tuple[FileEntry, ...] | None = None,
+) -> tuple[Manifest, str]:
+    """Atomically write the manifest. Returns (manifest, sha256 of the manifest file).
+
+    Steps: (1) `files` as `hash_files` returned them (hashed now when not given): every file
+    is durable before the manifest says the checkpoint is complete; (2) write the JSON to a
+    temp name and fsync it; (3) os.replace it into place; (4) fsync the directory.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    entries = hash_files(checkpoint_dir) if files is None else files  # (1)
     manifest = Manifest(
         step=int(step),
         files=tuple(entries),
@@ -176,12 +190,12 @@ def write_manifest(
     )
     payload = (json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n").encode()
     tmp = checkpoint_dir / _MANIFEST_TMP_NAME
-    with open(tmp, "wb") as f:  # (3)
+    with open(tmp, "wb") as f:  # (2)
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, checkpoint_dir / MANIFEST_NAME)  # (4)
-    _fsync_dir(checkpoint_dir)  # (5)
+    os.replace(tmp, checkpoint_dir / MANIFEST_NAME)  # (3)
+    _fsync_dir(checkpoint_dir)  # (4)
     return manifest, hashlib.sha256(payload).hexdigest()
 
 
@@ -332,6 +346,7 @@ __all__ = [
     "checkpoint_dirs",
     "checkpoint_step",
     "dir_bytes",
+    "hash_files",
     "manifest_sha256",
     "quarantine",
     "read_manifest",

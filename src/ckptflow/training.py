@@ -8,6 +8,7 @@ and stops at the chunk boundary with a forced save. HF keeps every checkpoint
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
@@ -155,19 +156,38 @@ class AllRanksSavedCallback(TrainerCallback):
 
 
 class CommitCallback(TrainerCallback):
-    """Hand every save to ckptflow: `writing` before HF writes, commit (manifest + ledger) after."""
+    """Hand every save to the background committer (ckptflow.committer): training waits only when it must.
 
-    def __init__(self, on_begin: Callable[[int], None], on_saved: Callable[[int, float | None, dict], None]) -> None:
+    At a save step, `on_begin(step)` (the `writing` row) is queued before HF writes; after HF
+    wrote, `on_saved(step, epoch, metrics)` (manifest + ledger commit + retention). A failed
+    background job is raised here at the next step, failing the attempt; the chunk ends only
+    once every commit is durable (`on_train_end`; the caller also closes the committer when
+    training raises).
+    """
+
+    def __init__(
+        self, committer: Any, on_begin: Callable[[int], None], on_saved: Callable[[int, float | None, dict], None]
+    ) -> None:
+        self.committer = committer  # a ckptflow.committer.BackgroundCommitter
         self.on_begin = on_begin
         self.on_saved = on_saved
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.committer.raise_if_failed()
         if control.should_save:
-            self.on_begin(state.global_step)
+            step = state.global_step
+            self.committer.wait_for(step)  # HF is about to write checkpoint-<step>: no commit of it may be running
+            self.committer.submit(step, functools.partial(self.on_begin, step))
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        self.on_saved(state.global_step, state.epoch, metrics_at_step(state.log_history, state.global_step))
+        step = state.global_step  # read now: the trainer's state moves on while the job waits
+        metrics = metrics_at_step(state.log_history, step)
+        self.committer.submit(step, functools.partial(self.on_saved, step, state.epoch, metrics))
+        return control
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        self.committer.close()  # the chunk's last checkpoint is the next chunk's resume point
         return control
 
 
