@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 
 # Where `pause` can stop, and the state a drill observes while it sleeps there.
 # Where `pause` can stop, and the state a drill observes while it sleeps there. The points of the
-# commit (save-begun … commit-recorded, prune-*) run on the background committer's thread: training
-# goes on meanwhile, up to the chunk end, where it waits for the commits.
+# commit (files-written … commit-recorded, prune-*) are on the background committer's thread:
+# training goes on meanwhile, up to the chunk end, where it waits for the commits.
 PAUSE_POINTS: dict[str, str] = {
     "step-end": "optimizer step N is done, nothing of it saved yet",
-    "save-begun": "the ledger row of checkpoint N is `writing` (recorded in the background while HF writes)",
+    "save-begun": "the ledger row of checkpoint N is `writing`; HF has written nothing yet (training waits for the row)",
     "mid-save": "HF wrote the adapter weights of checkpoint N, not yet the optimizer state; no manifest",
     "files-written": "HF wrote every file of checkpoint N; its commit has not started (no manifest)",
     "files-hashed": "every file of checkpoint N is hashed and fsynced; no manifest yet",
@@ -47,19 +47,31 @@ def configure(fault: FaultSettings) -> None:
         _active = fault if fault.pause_at else None
 
 
+def armed(point: str, step: int | None = None) -> bool:
+    """Whether `pause(point, step)` would sleep (for code that must wait for another thread's pause)."""
+    assert point in PAUSE_POINTS, point
+    with _lock:
+        return _armed_for(point, step)
+
+
+def _armed_for(point: str, step: int | None) -> bool:
+    fault = _active
+    if fault is None or _done or fault.pause_at != point:
+        return False
+    return fault.pause_step is None or step == fault.pause_step
+
+
 def pause(point: str, step: int | None = None) -> None:
     """Sleep `pause_seconds` if this process is armed for `point` (and `step`); at most once per process."""
     global _done
     assert point in PAUSE_POINTS, point
     with _lock:
         fault = _active
-        if fault is None or _done or fault.pause_at != point:
-            return
-        if fault.pause_step is not None and step != fault.pause_step:
+        if not _armed_for(point, step):
             return
         _done = True
     log.warning("fault injection: pausing %.0fs at %s (step %s): %s", fault.pause_seconds, point, step, PAUSE_POINTS[point])
     time.sleep(fault.pause_seconds)
 
 
-__all__ = ["PAUSE_POINTS", "configure", "pause"]
+__all__ = ["PAUSE_POINTS", "armed", "configure", "pause"]

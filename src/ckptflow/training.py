@@ -21,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ckptflow import faults
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.logline import StepRate, format_log_line
 from ckptflow.settings import Settings, report_to_list
@@ -101,8 +102,6 @@ class PauseCallback(TrainerCallback):
     """Fault injection: pause after an optimizer step, before its save (settings.fault.pause_at=step-end)."""
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        from ckptflow import faults
-
         faults.pause("step-end", state.global_step)
         return control
 
@@ -178,6 +177,8 @@ class CommitCallback(TrainerCallback):
             step = state.global_step
             self.committer.wait_for(step)  # HF is about to write checkpoint-<step>: no commit of it may be running
             self.committer.submit(step, functools.partial(self.on_begin, step))
+            if faults.armed("save-begun", step):  # drills: stop before HF writes, once the row is recorded
+                self.committer.wait_for(step)
         return control
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):

@@ -13,6 +13,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class KillPoint:
     at_kill: Callable[[State], bool] = lambda s: True
     quarantined: tuple[int, ...] = ()  # checkpoint steps expected in quarantine/ after the rerun
     training: bool = True  # killed while an attempt was running (the rerun abandons it)
+    logged_pause: bool = False  # also wait for the process to log that it paused (a state no file or row shows)
 
 
 def _tmp_export(s: State) -> bool:
@@ -77,7 +79,7 @@ KILL_POINTS: dict[str, KillPoint] = {
     # 3. During the first save: adapter weights on disk, optimizer state not yet, no manifest.
     "mid-first-save": KillPoint(
         pause_env("mid-save", 2),
-        lambda s: s.has_file(2, ADAPTER_FILE) and not s.has_file(2, OPTIMIZER),
+        lambda s: s.has_file(2, ADAPTER_FILE) and not s.has_file(2, OPTIMIZER) and s.state(2) == WRITING,
         at_kill=lambda s: s.state(2) == WRITING and not s.has_manifest(2),
         quarantined=(2,),
     ),
@@ -86,7 +88,7 @@ KILL_POINTS: dict[str, KillPoint] = {
         pause_env("step-end", 3),
         lambda s: s.committed() == [2] and 4 not in s.rows,
     ),
-    # 5. HF wrote every file of the chunk-boundary checkpoint-4; no manifest yet.
+    # 5. HF wrote every file of the chunk-boundary checkpoint-4; its background commit has not started.
     "files-written-no-manifest": KillPoint(
         pause_env("files-written", 4),
         lambda s: s.has_file(4, TRAINER_STATE) and not s.has_manifest(4),
@@ -103,21 +105,25 @@ KILL_POINTS: dict[str, KillPoint] = {
         pause_env("step-end", 5),
         lambda s: (a := s.running(1)) is not None and a.resumed_from_step == 4 and 6 not in s.rows,
     ),
-    # 8. Pruning checkpoint-2 (when 6 commits): ledger row says pruned, directory untouched.
+    # 8. Pruning checkpoint-2 (retention after 6 commits, in the background): ledger row says pruned,
+    #    directory untouched; training went on and wrote checkpoint-8, whose commit waits behind.
     "prune-after-ledger-mark": KillPoint(
         pause_env("prune-marked", 2),
-        lambda s: s.state(2) == PRUNED and s.ckpt(2).is_dir(),
+        lambda s: s.state(2) == PRUNED and s.ckpt(2).is_dir() and s.has_file(8, TRAINER_STATE),
+        at_kill=lambda s: not s.has_manifest(8),
+        quarantined=(8,),
     ),
-    # 9. Pruning checkpoint-2: renamed to .pruning-checkpoint-2, not yet deleted.
+    # 9. Pruning checkpoint-2: renamed to .pruning-checkpoint-2, not yet deleted (checkpoint-8 as in 8.).
     "prune-mid-delete": KillPoint(
         pause_env("prune-renamed", 2),
-        lambda s: (s.checkpoints_dir / f"{PRUNING_PREFIX}checkpoint-2").is_dir(),
-        at_kill=lambda s: s.state(2) == PRUNED and not s.ckpt(2).exists(),
+        lambda s: (s.checkpoints_dir / f"{PRUNING_PREFIX}checkpoint-2").is_dir() and s.has_file(8, TRAINER_STATE),
+        at_kill=lambda s: s.state(2) == PRUNED and not s.ckpt(2).exists() and not s.has_manifest(8),
+        quarantined=(8,),
     ),
     # 10. During the last save: checkpoint-8 has its adapter weights, not its optimizer state.
     "mid-last-save": KillPoint(
         pause_env("mid-save", 8),
-        lambda s: s.has_file(8, ADAPTER_FILE) and not s.has_file(8, OPTIMIZER),
+        lambda s: s.has_file(8, ADAPTER_FILE) and not s.has_file(8, OPTIMIZER) and s.state(8) == WRITING,
         at_kill=lambda s: s.state(8) == WRITING,
         quarantined=(8,),
     ),
@@ -133,14 +139,38 @@ KILL_POINTS: dict[str, KillPoint] = {
         at_kill=lambda s: s.committed() == [6, 8],
         training=False,
     ),
-    # 13. During the export: written to a temp dir beside the target, not swapped in.
+    # -- inside the background commit (the committer thread; training runs on to the chunk end and waits there)
+    # 13. Training ran ahead: the commit of checkpoint-2 has not started, checkpoint-4 is written too.
+    "training-ahead-of-commit": KillPoint(
+        pause_env("files-written", 2),
+        lambda s: s.state(2) == WRITING and s.has_file(4, TRAINER_STATE),
+        at_kill=lambda s: s.committed() == [] and not s.has_manifest(2) and not s.has_manifest(4),
+        quarantined=(2, 4),
+    ),
+    # 14. Every file of checkpoint-4 hashed and fsynced, the manifest not written.
+    "hashed-before-manifest": KillPoint(
+        pause_env("files-hashed", 4),
+        lambda s: s.state(4) == WRITING and s.has_file(4, TRAINER_STATE),
+        at_kill=lambda s: s.committed() == [2] and not s.has_manifest(4),
+        quarantined=(4,),
+        logged_pause=True,
+    ),
+    # 15. The ledger row of checkpoint-6 committed, its retention (pruning checkpoint-2) not run yet.
+    "committed-before-retention": KillPoint(
+        pause_env("commit-recorded", 6),
+        lambda s: s.committed() == [2, 4, 6] and s.has_file(8, TRAINER_STATE),
+        at_kill=lambda s: s.ckpt(2).is_dir() and not s.has_manifest(8),
+        quarantined=(8,),
+        logged_pause=True,
+    ),
+    # 16. During the export: written to a temp dir beside the target, not swapped in.
     "export-before-swap": KillPoint(
         pause_env("export-written"),
         _tmp_export,
         at_kill=lambda s: not s.export_dir.exists() and s.exports == 0,
         training=False,
     ),
-    # 14. Export swapped into place, not yet recorded in the ledger.
+    # 17. Export swapped into place, not yet recorded in the ledger.
     "export-before-ledger-record": KillPoint(
         pause_env("export-swapped"),
         lambda s: (s.export_dir / "model.safetensors").is_file() and s.exports == 0,
@@ -158,6 +188,8 @@ def test_sigkill_then_rerun_is_bit_identical(home, name):
         # 1. Train until the moment is observed, then SIGKILL.
         driver = Driver(home, run, point.env)
         watcher.wait_for(point.moment, driver, name)
+        if point.logged_pause:
+            _wait_logged_pause(driver, point.env["CKPTFLOW_FAULT__PAUSE_AT"])
         driver.kill()
         killed = watcher.state()
         assert point.at_kill(killed), f"state at kill: {killed}"
@@ -185,6 +217,14 @@ def test_sigkill_then_rerun_is_bit_identical(home, name):
     assert found == list(point.quarantined)
     for step in point.quarantined:
         assert done.rows[step].state in (COMMITTED, PRUNED)  # saved again by the rerun
+
+
+def _wait_logged_pause(driver: Driver, point: str, timeout: float = 120.0) -> None:
+    """Until the process logged that it paused at `point` (ckptflow.faults.pause)."""
+    deadline = time.monotonic() + timeout
+    while f"pausing 120s at {point} " not in driver.output():
+        assert driver.alive() and time.monotonic() < deadline, f"no pause at {point}:\n{driver.output()[-3000:]}"
+        time.sleep(0.02)
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
