@@ -234,9 +234,10 @@ PATCHES = {
     "transformers.models.auto.tokenization_auto": _patch_auto_tokenizer,
     "ckptflow.ledger.store": _patch_ledger,
     "ckptflow.integrity": _module_spans(
-        ["write_manifest", "verify_checkpoint"], "integrity.",
-        {"write_manifest": "manifest", "verify_checkpoint": "verify"},
+        ["hash_files", "write_manifest", "verify_checkpoint"], "integrity.",
+        {"hash_files": "manifest", "write_manifest": "manifest", "verify_checkpoint": "verify"},
     ),
+    "ckptflow.committer": lambda m: _spans(m.BackgroundCommitter, ["submit", "wait_for", "close"], "committer."),
     "ckptflow.recovery": _module_spans(["reconcile", "resume_point"], "recovery."),
     "ckptflow.retention": _module_spans(["apply_retention"], "retention."),
     "ckptflow.modeling": _module_spans(["resolve_model", "load_tokenizer", "load_base_model"], "modeling."),
