@@ -352,6 +352,7 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
         if plan.total_steps is None:
             raise RuntimeError("the attempt plan has no total_steps: ranks > 0 cannot train without the ledger")
         _train(settings, job, plan, plan.total_steps, lambda schedule: (_rank_callbacks(settings, job, schedule), None))
+        distributed.destroy_process_group()
         return
     ledger = _ledger(job)
     try:
@@ -365,6 +366,7 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
             _train(settings, job, plan, run.total_steps, rank0)
     finally:
         ledger.close()
+    distributed.destroy_process_group()
 
 
 # Given the run's schedule: the trainer's callbacks, and the background uploads to wait for (None: no remote).
