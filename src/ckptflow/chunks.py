@@ -356,6 +356,7 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
             settings, job, plan, plan.total_steps,
             lambda schedule: (_rank_callbacks(settings, job, schedule), contextlib.nullcontext()),
         )  # fmt: skip
+        distributed.destroy_process_group()
         return
     ledger = _ledger(job)
     try:
@@ -370,6 +371,7 @@ def train_attempt(job: ChunkJob, plan: AttemptPlan) -> None:
             _train(settings, job, plan, run.total_steps, rank0)
     finally:
         ledger.close()
+    distributed.destroy_process_group()
 
 
 # Given the run's schedule: the trainer's callbacks, and what to run training inside (rank 0: the background

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["init_process_group", "is_main_process", "rank", "wait_for_all_ranks", "world_size"]
+__all__ = ["destroy_process_group", "init_process_group", "is_main_process", "rank", "wait_for_all_ranks", "world_size"]
 
 # Set by torchrun in each worker (torch.distributed.run).
 _RANK_ENV = "RANK"
@@ -59,3 +59,18 @@ def init_process_group(timeout_seconds: int) -> None:
     if torch.cuda.is_available() or dist.is_initialized():
         return
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_seconds))
+
+
+def destroy_process_group() -> None:
+    """Shut this rank's process group down before the interpreter does (a no-op in a single process).
+
+    A gloo group left to interpreter finalization can abort the process (SIGABRT: its worker
+    threads still hold tensors whose release needs the GIL), which torchrun reports as a failed
+    chunk although training finished; see pytorch/pytorch#179291.
+    """
+    if world_size() <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
