@@ -89,8 +89,8 @@ def stall(p: C.Proc) -> dict:
         "train_s": train_s,
         "step_ms": statistics.median(steps) * 1e3 if steps else None,
         "commit_mean_ms": sum(x["commit"] for x in per_save) / n * 1e3,
-        # off the training thread (the committer), per save, mean: hash + fsync of the files; the whole
-        # manifest (hashing included when write_manifest hashes itself); retention
+        # off the training thread (the committer), per save, mean: hash + fsync of the files; writing the
+        # manifest (given the hashes); retention
         "hash_ms": background["integrity.hash_files"],
         "manifest_ms": background["integrity.write_manifest"],
         "retention_ms": background["retention.apply_retention"],
@@ -128,8 +128,8 @@ def main() -> None:
          "mean incl. chunk end", "share of train()", "eval (apart)", "median step"],
         rows,
     )  # fmt: skip
-    comp = [[every, r["ckptflow"]["hash_ms"], r["ckptflow"]["manifest_ms"] - r["ckptflow"]["hash_ms"],
-             r["ckptflow"]["retention_ms"]] for every, r in results.items()]  # fmt: skip
+    comp = [[every, r["ckptflow"]["hash_ms"], r["ckptflow"]["manifest_ms"], r["ckptflow"]["retention_ms"]]
+            for every, r in results.items()]
     report.table("ckptflow's background commit per save, milliseconds (mean; on the committer thread, not blocking "
                  "training)", ["save every", "hash + fsync files", "manifest write + fsync", "retention"], comp)  # fmt: skip
     ratios = {}
