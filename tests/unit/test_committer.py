@@ -198,3 +198,28 @@ def test_an_in_memory_ledger_is_shared_with_the_committer():
     assert own.get() is ledger
     own.close()
     assert ledger.list_runs() == []  # not closed: it is the training thread's
+
+
+# -- the drills' pause points -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("pause_at", "pause_step", "point", "step", "expected"),
+    [
+        ("save-begun", 4, "save-begun", 4, True),
+        ("save-begun", 4, "save-begun", 2, False),  # another step
+        ("save-begun", None, "save-begun", 2, True),  # no step: the first time
+        ("files-hashed", 4, "save-begun", 4, False),  # another point
+        (None, None, "save-begun", 4, False),  # off
+    ],
+)
+def test_armed_says_whether_pause_would_sleep(monkeypatch, pause_at, pause_step, point, step, expected):
+    from ckptflow import faults
+    from ckptflow.settings import FaultSettings
+
+    monkeypatch.setattr(faults, "_done", False)
+    faults.configure(FaultSettings(pause_at=pause_at, pause_step=pause_step, pause_seconds=0))
+    try:
+        assert faults.armed(point, step) is expected
+        faults.pause(point, step)  # 0 s; a process pauses at most once
+        assert faults.armed(point, step) is False
+    finally:
+        faults.configure(FaultSettings())
