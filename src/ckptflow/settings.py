@@ -171,7 +171,7 @@ class TrainSettings(_Group):
             return _SWITCH_WORDS[value.strip().lower()]
         if isinstance(value, bool) or value in (0, 1):
             return bool(value)
-        raise ValueError("must be true, false or auto")
+        raise ValueError("must be true, false or 'auto'")
 
     @property
     def precision(self) -> Precision:
