@@ -98,3 +98,19 @@ def test_plan_shows_the_precision(home):
     proc = ckptflow("plan", "--json", cwd=home.parent, env={"CKPTFLOW_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["precision"] == "bf16"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("both-on", ("run",), ("CKPTFLOW_TRAIN__BF16", "CKPTFLOW_TRAIN__FP16"),
+             env={"CKPTFLOW_TRAIN__BF16": "true", "CKPTFLOW_TRAIN__FP16": "true"}),
+        Case("fp16-on-cpu", ("run",), ("fp16", "CKPTFLOW_TRAIN__FP16=false"), env={"CKPTFLOW_TRAIN__FP16": "true"}),
+        Case("bad-switch", ("plan",), ("CKPTFLOW_TRAIN__BF16", "true, false or 'auto'"), env={"CKPTFLOW_TRAIN__BF16": "fast"}),
+    ],
+    ids=lambda c: c.id,
+)  # fmt: skip
+def test_impossible_precisions_are_refused_before_anything_runs(home, tmp_path, case):
+    if case.id == "fp16-on-cpu" and this_machine().cuda:
+        pytest.skip("fp16 is legal on a CUDA GPU")
+    run_case(case, home=home, cwd=tmp_path)
