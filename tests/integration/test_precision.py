@@ -8,6 +8,7 @@ A run recorded in fp32 is not resumed under a default that now resolves to bf16:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ def reference(tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("precision")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        for key in [k for k in __import__("os").environ if k.startswith("CKPTFLOW_")]:
+        for key in [k for k in os.environ if k.startswith("CKPTFLOW_")]:
             mp.delenv(key)
         train_without_prefect(settings_for(root / "bf16", train={"chunk_steps": LAST}), "bf16")
         train_without_prefect(settings_for(root / "fp32", train={"chunk_steps": LAST, "bf16": False}), "fp32")
