@@ -225,11 +225,14 @@ def plan(
 ) -> None:
     """Chunks, save/eval points, what is kept, and disk needed — without training."""
     from ckptflow.planner import plan_for_settings
+    from ckptflow.precision import check_supported
     from ckptflow.preflight import check_finite
 
     settings = _settings(config)
     check_finite(settings)
     document = plan_for_settings(settings, at_step=at).to_json()
+    document["precision"] = settings.train.precision  # `auto` resolved on this machine, as a run would train
+    check_supported(document["precision"])
     if as_json:
         _emit_json(document)
         return
@@ -249,6 +252,7 @@ def _print_plan(p: dict[str, Any]) -> None:
     out.print(f"chunks           {len(p['chunks'])}: {chunks}", highlight=False)
     out.print(f"save points      {_steps(p['save_points'])}", highlight=False)
     out.print(f"eval points      {_steps(p['eval_points'])}", highlight=False)
+    out.print(f"precision        {p['precision']}", highlight=False)
     kept = p["kept_at_end"]
     out.print(f"kept at the end  {_steps(kept) if isinstance(kept, list) else kept}", highlight=False)
     out.print(f"per checkpoint   ~{p['bytes_per_checkpoint'] / mib:.2f} MiB; at most {p['checkpoints_on_disk_max']} on disk", highlight=False)

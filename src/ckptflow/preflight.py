@@ -339,10 +339,13 @@ def check_cheap(settings: Settings) -> None:
 
 
 def check_model(settings: Settings) -> None:
-    """transformers can build the model from its config, and the LoRA targets exist (imports torch/PEFT)."""
+    """transformers can build the model from its config, the LoRA targets exist, this machine can train in
+    the run's precision (imports torch/PEFT)."""
     from ckptflow.modeling import check_lora_targets, model_config
+    from ckptflow.precision import check_supported
 
     check_lora_targets(model_config(settings.model.name_or_path, settings.home), settings.model)
+    check_supported(settings.train.precision)
 
 
 def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | None:

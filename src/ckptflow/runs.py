@@ -11,7 +11,15 @@ from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
 from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
 from ckptflow.secrets import mask_url
-from ckptflow.settings import WORLD_SIZE_KEY, Settings, env_var_for, settings_from_json, steps_per_epoch
+from ckptflow.settings import (
+    PRECISION_KEYS,
+    WORLD_SIZE_KEY,
+    Settings,
+    describe_precision_change,
+    env_var_for,
+    settings_from_json,
+    steps_per_epoch,
+)
 
 # Keys of runs.config (JSON).
 CONFIG_SETTINGS = "settings"
@@ -73,16 +81,19 @@ def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: st
     after = _flatten(settings.fingerprint_inputs())
     for flat in (before, after):  # recorded only when > 1 (see Settings.fingerprint_inputs)
         flat.setdefault(_WORLD_SIZE, 1)
-    keys = sorted(set(before) | set(after))
+    keys = sorted((set(before) | set(after)) - set(_PRECISION))
     lines = [
         f"  {k}: {before.get(k)!r} -> {after.get(k)!r} ({_env_name(k)})" for k in keys if before.get(k) != after.get(k)
     ]
+    precision = describe_precision_change(*({k: flat.get(f"train.{k}") for k in PRECISION_KEYS} for flat in (before, after)))
+    lines += [precision] if precision else []
     old_data = old.config.get(CONFIG_DATA_FINGERPRINT)
     if old_data != data_fingerprint:
         lines.append(f"  data fingerprint: {str(old_data)[:12]} -> {data_fingerprint[:12]} (data or tokenizer changed)")
     return "\n".join(lines) or "  (fingerprint algorithm changed)"
 
 
+_PRECISION = [f"train.{k}" for k in PRECISION_KEYS]  # one line for both (settings.describe_precision_change)
 # The world size is no setting of its own: it comes from these two.
 _WORLD_SIZE = f"train.{WORLD_SIZE_KEY}"
 _WORLD_SIZE_SOURCES = "CKPTFLOW_TRAIN__NPROC_PER_NODE with CKPTFLOW_TRAIN__LAUNCHER=torchrun; else 1"

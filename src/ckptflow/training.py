@@ -22,6 +22,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.logline import StepRate, format_log_line
+from ckptflow.precision import check_supported
 from ckptflow.settings import Settings, report_to_list
 
 # Margin kept free on disk when min_free_bytes is not set.
@@ -230,6 +231,8 @@ def sft_config(spec: TrainerSpec):
 
     s = spec.settings
     ck = s.checkpoint
+    precision = s.train.precision  # `auto` resolved as the run's fingerprint has it, never left to TRL
+    check_supported(precision)
     return SFTConfig(
         output_dir=str(spec.output_dir),
         max_steps=spec.total_steps,
@@ -251,8 +254,8 @@ def sft_config(spec: TrainerSpec):
         disable_tqdm=True,
         gradient_checkpointing=s.train.gradient_checkpointing,
         ddp_timeout=s.train.ddp_timeout_seconds,  # bounds a collective that waits for a hung rank
-        bf16=s.train.bf16,
-        fp16=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=not _cuda_available(),
         dataloader_num_workers=0,
     )
