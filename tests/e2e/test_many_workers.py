@@ -7,6 +7,7 @@ completed), nothing says "database is locked", and each run's final adapter equa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -30,6 +31,8 @@ SUBMISSIONS_PER_RUN = 2
 # Flow runs each worker runs at once: 2 workers × 2 = all four submissions start together.
 WORKER_LIMIT = 2
 WORKER_LOGS = ("worker.log", "worker-2.log")  # the stack's worker, the second one
+# How long a final flow run's logs may take to reach the server (they are sent in batches).
+LOGS_TIMEOUT_S = 30
 # What a refused duplicate's flow run says (ckptflow.ledger.store._lease_in_use).
 REFUSAL = "is already being trained by another process"
 
@@ -59,8 +62,14 @@ def two_workers(tmp_path_factory) -> Iterator[Stack]:
 
 
 def _flow_run_logs(client: SyncPrefectClient, flow_run_id: UUID) -> str:
-    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(entry.message for entry in logs)
+    """The flow run's log messages, once its last one ("Finished in state …") reached the server."""
+    deadline = time.monotonic() + LOGS_TIMEOUT_S
+    while True:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        text = "\n".join(entry.message for entry in logs)
+        if "Finished in state" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.5)
 
 
 def _solo_final_adapter(home: Path, name: str, seed: int) -> dict:
@@ -107,7 +116,9 @@ def test_four_submissions_on_two_workers_train_each_run_exactly_once(two_workers
                 (1, 1, AttemptStatus.COMPLETED),
             ]
             assert attempts[0].finished_at <= attempts[1].started_at
-            assert [c.step for c in ledger.checkpoints(run.id)] == [2, 4, 6, 8]  # each step saved once (no rewrite)
+            saved = ledger.checkpoints(run.id)
+            assert [c.step for c in saved] == [2, 4, 6, 8]  # every save recorded, by the trainer's attempts
+            assert all(attempts[0].started_at <= c.created_at <= attempts[-1].finished_at for c in saved)
             assert [c.step for c in ledger.checkpoints(run.id, [CheckpointState.COMMITTED])] == [6, 8]
             assert len(ledger.exports(run.id)) == 1  # evaluated and exported once
             with ledger._read() as s:  # noqa: SLF001 - the lease row itself

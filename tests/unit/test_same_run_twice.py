@@ -20,20 +20,22 @@ def _ledger(home) -> Ledger:
 
 
 @pytest.mark.parametrize(
-    ("before", "after"),
+    ("before", "after", "written"),
     [
-        (RunStatus.RUNNING, RunStatus.RUNNING),
-        (RunStatus.FAILED, RunStatus.RUNNING),  # resumed
-        (RunStatus.COMPLETED, RunStatus.COMPLETED),  # finished by the other submission: stays finished
+        (RunStatus.FAILED, RunStatus.RUNNING, True),  # resumed
+        (RunStatus.RUNNING, RunStatus.RUNNING, False),  # another submission may be training it: untouched
+        (RunStatus.COMPLETED, RunStatus.COMPLETED, False),  # finished by the other submission: stays finished
     ],
 )
-def test_reopen_run_never_undoes_completed(home, before, after):
+def test_reopen_run_never_undoes_completed(home, before, after, written):
     home.mkdir()
     with _ledger(home) as ledger:
         run = ledger.create_run("r", fingerprint="f", config={}, base_model="m", total_steps=8)
         ledger.set_run_status(run.id, before)
+        was = ledger.get_run("r")
         assert ledger.reopen_run(run.id).status == after
-        assert ledger.get_run("r").status == after
+        now = ledger.get_run("r")
+        assert now.status == after and (now.updated_at != was.updated_at) == written
 
 
 def test_submissions_creating_one_run_name_at_once_all_open_the_same_run(home):

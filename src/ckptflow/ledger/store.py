@@ -575,16 +575,18 @@ class Ledger:
 
     @_retried_on_disconnect
     def reopen_run(self, run_id: int) -> RunRecord:
-        """Mark the run `running` unless it is `completed`, in one statement; returns the run as it is now.
+        """Mark a `failed` run `running` again, in one statement; returns the run as it is now.
 
         Reopening takes no lease, so it must never undo a concurrent writer's last word: a
         duplicate submission that read "running" just before the holder finished would
-        otherwise set the completed run back to running, and train it a second time.
+        otherwise set the completed run back to running, and train it a second time. A run
+        that is running (trained by another process, perhaps) is left untouched.
         """
+        settled = (RunStatus.COMPLETED.value, RunStatus.RUNNING.value)
         with self._write.begin() as s:
             s.execute(
                 update(Run)
-                .where(Run.id == run_id, Run.status != RunStatus.COMPLETED.value)
+                .where(Run.id == run_id, Run.status.not_in(settled))
                 .values(status=RunStatus.RUNNING.value, updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
