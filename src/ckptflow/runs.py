@@ -137,13 +137,20 @@ def open_run(
     # Not where the home or ledger is: a moved home must not be located through the recorded settings.
     recorded = {k: v for k, v in settings.to_json().items() if k not in ("home", "ledger_url")}
     config = {CONFIG_SETTINGS: recorded, CONFIG_DATA_FINGERPRINT: data_fingerprint}
-    run = ledger.create_run(
-        name,
-        fingerprint=fingerprint,
-        config=config,
-        base_model=settings.model.name_or_path,
-        total_steps=total_steps(settings, train_rows),
-    )
+    try:
+        run = ledger.create_run(
+            name,
+            fingerprint=fingerprint,
+            config=config,
+            base_model=settings.model.name_or_path,
+            total_steps=total_steps(settings, train_rows),
+        )
+    except ValueError:  # the same name submitted twice at once: the other submission created it first
+        existing = ledger.get_run(name)
+        if existing is None or new:
+            raise
+        _refuse_changed(existing, settings, data_fingerprint)
+        return OpenedRun(existing, created=False)
     return OpenedRun(run, created=True)
 
 
