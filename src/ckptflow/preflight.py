@@ -3,7 +3,8 @@
 `ckptflow run` calls, before it starts Prefect or writes a ledger row:
 1. `check_cheap` — settings, home, ledger, data rows, config.json, memory; imports no torch,
    transformers or Prefect, so a refusal takes about as long as `ckptflow --help`;
-2. `check_resume` — a changed or locked run is refused, a completed one answers (needs the tokenizer);
+2. `completed_run` — a completed run answers from the tokenizer's files and the ledger (no torch);
+   else `check_resume` — a changed or locked run is refused, a completed one answers (loads the tokenizer);
 3. `check_model` — transformers builds the model and the LoRA targets exist (imports torch/PEFT).
 Read-only commands use `open_readonly_ledger`, which creates and migrates nothing.
 Every refusal is a BadInputError whose message names what to change.
@@ -343,6 +344,43 @@ def check_model(settings: Settings) -> None:
     from ckptflow.modeling import check_lora_targets, model_config
 
     check_lora_targets(model_config(settings.model.name_or_path, settings.home), settings.model)
+
+
+def completed_run(settings: Settings, run_name: str | None, new: bool) -> str | None:
+    """The name of the completed run `ckptflow run` would resume, answered without transformers, torch or Prefect.
+
+    The data fingerprint comes from the tokenizer's files (`tokenizer_files`): a guess that counts
+    only when the ledger recorded exactly it for a completed run nobody holds. None means "not
+    sure": the caller runs `check_resume`, which loads the tokenizer and decides (and refuses).
+    """
+    if new:
+        return None
+    from ckptflow.data import fingerprint_of
+    from ckptflow.errors import BadInputError
+    from ckptflow.ledger import RunStatus
+    from ckptflow.modeling import resolve_model
+    from ckptflow.runs import default_run_name, refuse_early
+    from ckptflow.tokenizer_files import identity_from_files
+
+    ledger = open_readonly_ledger(settings)
+    if ledger is None:
+        return None
+    try:
+        tokenizer_id = identity_from_files(resolve_model(settings.model.name_or_path, settings.home).path)
+        if tokenizer_id is None:
+            return None
+        fingerprint = fingerprint_of(
+            settings.data, tokenizer_id=tokenizer_id, max_length=settings.model.max_length, seed=settings.train.seed
+        )
+        existing = ledger.get_run(run_name or default_run_name(settings, fingerprint))
+        if existing is None or existing.status != RunStatus.COMPLETED:
+            return None
+        refuse_early(ledger, settings, data_fingerprint=fingerprint, run_name=existing.name, new=False)
+    except BadInputError:  # a mismatch may be the guess's fault: check_resume decides with the real tokenizer
+        return None
+    finally:
+        ledger.close()
+    return existing.name
 
 
 def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | None:
