@@ -81,7 +81,7 @@ def time_command(work: Path, home: Path, args: list[str], extra: dict[str, str],
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
     report = C.Report("cli", "8. Answers without a server: CLI processes against `ckptflow --help`", args.quick)
-    repeat = 2 if args.quick else 7
+    repeat = 1 if args.quick else 7
     with C.Workdir(args, "cli") as work:
         home = work / "home"
         print("[cli] making a completed run (untimed) ...", flush=True)

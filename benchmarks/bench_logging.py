@@ -32,6 +32,8 @@ VARIANTS = {
     "per-line": "one API record per step line",
     "batched": "step lines batched (tasks/step_lines.py)",
 }
+# Logs read back per API call (the server's default page limit).
+PAGE = 200
 WORK = b"x" * (4 * 2**20)  # hashed once per step: a few ms of GIL-free CPU on one core
 
 
@@ -102,8 +104,10 @@ def child(variant: str, steps: int, server_session: int) -> None:
 
     state = stand_in(return_state=True)
     result = state.result()
+    logs, only_this_run = [], LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        while page := client.read_logs(log_filter=only_this_run, limit=PAGE, offset=len(logs)):  # the API pages
+            logs += page
     result["records"] = sum(1 for entry in logs if entry.name.startswith("ckptflow"))
     result["lines"] = sum(entry.message.count("\n") + 1 for entry in logs if entry.name.startswith("ckptflow"))
     print("RESULT " + json.dumps(result), flush=True)
