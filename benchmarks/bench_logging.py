@@ -5,9 +5,10 @@ A flow with one task stands in for a chunk: N steps, each a fixed piece of work 
 logger, exactly as LogCallback logs at `logging_steps=1`. Each variant is a fresh process
 against one running `prefect server start`:
 
-  no-api     PREFECT_LOGGING_TO_API_ENABLED=false: lines go to the terminal only   [baseline]
+  no-api     PREFECT_LOGGING_TO_API_ENABLED=false: lines go to the console only      [baseline]
   per-line   every step line is its own API record (ckptflow before issue 13)
   batched    step lines held and sent as one record per batch interval (tasks/step_lines.py)
+  batched+plain  also written as plain text to the console, which is a pipe here, instead of via rich
 
 Measured from the first step until the server has stored the last line: wall and CPU of the
 stepping process, CPU of the server's process group, and the records the server stored. The per-step API cost is (variant − no-api) / steps.
@@ -15,6 +16,7 @@ stepping process, CPU of the server's process group, and the records the server 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 VARIANTS = {
-    "no-api": "logs to the terminal only (PREFECT_LOGGING_TO_API_ENABLED=false)",
+    "no-api": "console only (PREFECT_LOGGING_TO_API_ENABLED=false), via rich",
     "per-line": "one API record per step line",
     "batched": "step lines batched (tasks/step_lines.py)",
+    "batched+plain": "batched, and plain text to the non-terminal console (what train_chunk does)",
 }
 # Logs read back per API call (the server's default page limit).
 PAGE = 200
@@ -61,7 +64,7 @@ def child(variant: str, steps: int, server_session: int) -> None:
     from prefect.logging.handlers import APILogWorker
 
     from ckptflow.logline import STEP_LINE, format_log_line
-    from tasks.step_lines import batched_step_lines
+    from tasks.step_lines import batched_step_lines, plain_console_step_lines
 
     log = logging.getLogger("ckptflow.chunks")
     logging.getLogger("ckptflow").setLevel(logging.INFO)
@@ -88,15 +91,17 @@ def child(variant: str, steps: int, server_session: int) -> None:
 
     @task
     def chunk() -> dict:
-        if variant != "batched":
-            return window(stepping)
         ctx = get_run_context()
 
-        def batched() -> dict:
-            with batched_step_lines((str(ctx.task_run.flow_run_id), str(ctx.task_run.id))):
+        def quieted() -> dict:
+            with contextlib.ExitStack() as stack:
+                if variant.startswith("batched"):
+                    stack.enter_context(batched_step_lines((str(ctx.task_run.flow_run_id), str(ctx.task_run.id))))
+                if variant.endswith("+plain"):
+                    stack.enter_context(plain_console_step_lines())
                 return stepping()
 
-        return window(batched)
+        return window(quieted)
 
     @flow
     def stand_in() -> dict:

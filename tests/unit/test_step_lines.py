@@ -111,3 +111,34 @@ def test_batching_applies_to_ckptflows_api_handler_while_a_chunk_runs_and_is_rem
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def test_step_lines_reach_a_console_that_is_no_terminal_as_the_same_text_without_rich(tmp_path):
+    """Same bytes as Prefect's rich console handler writes to a file; other records still go through rich."""
+    from prefect.logging.formatters import PrefectFormatter
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from tasks.step_lines import plain_console_step_lines
+
+    def handler_writing_to(path):
+        handler = PrefectConsoleHandler(stream=open(path, "w"))
+        handler.setFormatter(PrefectFormatter("%(levelname)s | %(name)s - %(message)s"))
+        return handler
+
+    line = "step 3/12 (25%) · loss 6.3 · lr 2.00e-04 · grad 0.21 · 25 steps/s · ETA 0:00:00"
+    events = [(line, True), ("committed checkpoint-3 (1234 bytes, eval_loss=6.9)", False), (line, True)]
+    rich, plain = handler_writing_to(tmp_path / "rich.txt"), handler_writing_to(tmp_path / "plain.txt")
+    root = logging.getLogger()
+    _send(rich, events)
+    root.addHandler(plain)
+    try:
+        with plain_console_step_lines() as filters:
+            assert [f.handler for f in filters if f.handler is plain] == [plain]
+            _send(plain, events)
+    finally:
+        root.removeHandler(plain)
+    rich.stream.close()
+    plain.stream.close()
+    assert (tmp_path / "plain.txt").read_text() == (tmp_path / "rich.txt").read_text()
+    assert (tmp_path / "plain.txt").read_text().count("step 3/12") == 2
+    assert plain.filters == []
