@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import ConfigError, HomeError, LedgerError
 from ckptflow.settings import Settings, env_var_for
-from ckptflow.sqlite_url import sqlite_file
+from ckptflow.sqlite_url import plain_sqlite_url, sqlite_file
 
 if TYPE_CHECKING:
     from ckptflow.data import SplitSizes
@@ -128,12 +128,12 @@ def check_ledger(url: str) -> str | None:
     None when there is no ledger yet (a SQLite file that does not exist or holds no schema).
     Opens everything read-only. Raises LedgerError naming CKPTFLOW_LEDGER_URL.
     """
-    dialect_url = _parse_url(url)
-    _check_driver(url, dialect_url)
-    if dialect_url.get_backend_name() == "sqlite":
+    if plain_sqlite_url(url):  # stdlib sqlite3: no driver to check, no SQLAlchemy to import
         revision = _sqlite_revision(url)
     else:
-        revision = _server_revision(url)
+        dialect_url = _parse_url(url)
+        _check_driver(url, dialect_url)
+        revision = _sqlite_revision(url) if dialect_url.get_backend_name() == "sqlite" else _server_revision(url)
     if revision is not None and revision != shipped_head():  # alembic (~0.3 s) only when it has something to say
         from ckptflow.ledger.store import check_revision
 

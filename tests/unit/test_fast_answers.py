@@ -46,3 +46,24 @@ def test_tokenizer_identity_from_files_is_the_loaded_tokenizers(tmp_path):
     resolved = resolve_model("builtin:tiny-gpt2", tmp_path)
     assert identity_from_files(resolved.path) == tokenizer_identity(load_tokenizer(resolved))
     assert identity_from_files(tmp_path) is None  # no tokenizer files: not a guess
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:////abs/dir/ledger.db", "sqlite:///rel/ledger.db", "sqlite+pysqlite:////abs/l.db", "sqlite://",
+        "sqlite:///:memory:", "sqlite:///", "sqlite:///file:x?mode=memory&uri=true", "sqlite:////a%20b/l.db",
+        "sqlite:////abs/l.db?timeout=5", "postgresql+psycopg://u:p@h/db",
+    ],
+)  # fmt: skip
+def test_sqlite_file_without_sqlalchemy_agrees_with_its_parser(url):
+    from sqlalchemy.engine import make_url
+
+    from ckptflow.sqlite_url import plain_sqlite_url, sqlite_file
+
+    u = make_url(url)
+    db = u.database
+    parsed = None if u.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:") or u.query.get("mode") == "memory" else db
+    assert sqlite_file(url) == (None if parsed is None else __import__("pathlib").Path(parsed))
+    if plain_sqlite_url(url):
+        assert u.get_backend_name() == "sqlite" and not u.query
