@@ -100,7 +100,8 @@ def main() -> None:
     )  # fmt: skip
     report.note(
         "- target (issue 13): `run` of a completed run and a refused input ≤ 1.5× `--help`; none of these "
-        "commands starts Prefect. `plan` imports torch: it counts the LoRA parameters of the real model."
+        "commands starts Prefect. `plan` imports torch: it counts the LoRA parameters of the real model. "
+        "CPU ratios are the steadier ones on a busy machine."
     )
     report.save()
 
