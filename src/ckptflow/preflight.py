@@ -413,15 +413,18 @@ def _recorded_run(settings: Settings, name: str) -> tuple[str, str, str] | None:
         return _recorded_run_on_server(settings, name)
     import sqlite3
 
-    con = sqlite3.connect(readonly_sqlite_uri(path), uri=True)
     try:
-        row = con.execute(
-            "SELECT runs.fingerprint, runs.status, COALESCE(leases.holder, ?) FROM runs "
-            "LEFT JOIN leases ON leases.run_id = runs.id WHERE runs.name = ?",
-            (_NO_HOLDER, name),
-        ).fetchone()
-    finally:
-        con.close()
+        con = sqlite3.connect(readonly_sqlite_uri(path), uri=True)
+        try:
+            row = con.execute(
+                "SELECT runs.fingerprint, runs.status, COALESCE(leases.holder, ?) FROM runs "
+                "LEFT JOIN leases ON leases.run_id = runs.id WHERE runs.name = ?",
+                (_NO_HOLDER, name),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # an older schema, a lock: not sure, the full check reads it through the Ledger
+        return None
     return tuple(row) if row is not None else None
 
 
