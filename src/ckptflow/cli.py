@@ -170,9 +170,13 @@ def run(
     preflight.check_cheap(settings)  # settings, home, ledger, data rows, config.json, memory: before any heavy import
     for warning in settings.warnings():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    completed = preflight.completed_run(settings, run_name, new)  # about as fast as --help: no torch, no Prefect
+    if completed is not None:
+        _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
+        return
     from ckptflow.quiet import quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries()  # imports transformers and datasets
     completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
     if completed is not None:
         _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
-from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
 from ckptflow.secrets import mask_url
 from ckptflow.settings import (
@@ -20,6 +19,9 @@ from ckptflow.settings import (
     settings_from_json,
     steps_per_epoch,
 )
+
+if TYPE_CHECKING:  # the ledger (SQLAlchemy ORM, Alembic) is imported where used: fast answers need only fingerprints
+    from ckptflow.ledger import Ledger, RunRecord
 
 # Keys of runs.config (JSON).
 CONFIG_SETTINGS = "settings"
@@ -33,6 +35,8 @@ class OpenedRun:
 
     @property
     def completed(self) -> bool:
+        from ckptflow.ledger import RunStatus
+
         return self.run.status == RunStatus.COMPLETED
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptflow.errors import InsufficientDiskError
-from ckptflow.logline import StepRate, format_log_line
+from ckptflow.logline import STEP_LINE, StepRate, format_log_line, is_step_line
 from ckptflow.precision import check_supported
 from ckptflow.settings import Settings, report_to_list
 
@@ -175,6 +175,8 @@ class CommitCallback(TrainerCallback):
 class LogCallback(TrainerCallback):
     """HF's logs as one readable line each (ckptflow.logline) in ckptflow's logger, instead of print() of a dict.
 
+    One line per logging step: only the main process logs (HF calls on_log on every DDP rank).
+    Training step lines carry `logline.STEP_LINE`, so the Prefect layer can batch them (tasks/step_lines.py).
     Full-precision values stay in trainer_state.json, the ledger and --json outputs.
     """
 
@@ -187,10 +189,10 @@ class LogCallback(TrainerCallback):
         return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
-        if logs:
+        if logs and state.is_world_process_zero:
             line = format_log_line(state.global_step, state.max_steps, logs, self.rate.rate())
             if line is not None:
-                self.logger.info("%s", line)
+                self.logger.info("%s", line, extra={STEP_LINE: is_step_line(line)})
         return control
 
 
