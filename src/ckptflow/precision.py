@@ -4,15 +4,17 @@
 (`bf16 = not fp16`) — wherever the hardware runs bf16 natively: a CUDA GPU that supports it
 (Ampere or later), a CPU with bf16 instructions (avx512_bf16, AMX, Arm bf16). A GPU without bf16
 (where TRL's default fails) gets fp16; a CPU without bf16, where TRL would emulate bf16 more slowly
-than fp32, stays in fp32. Only torch is asked (not transformers or TRL), so resolving is cheap
-wherever torch is already imported; the answer is cached per process.
+than fp32, stays in fp32. The kernel's CPU flags answer on a Linux x86 machine without a GPU;
+elsewhere only torch is asked (not transformers or TRL). The answer is cached per process.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -54,12 +56,43 @@ def resolve(bf16: Switch, fp16: Switch, hardware: Hardware | None = None) -> Pre
 
 @functools.cache
 def this_machine() -> Hardware:
-    """The training device of this process: the first CUDA GPU if there is one, else the CPU."""
+    """The training device of this process: the first CUDA GPU if there is one, else the CPU.
+
+    On a Linux x86 machine with no GPU device the kernel's CPU flags answer (the same answer in
+    every process, with or without torch imported, so the fingerprint does not depend on which
+    command asks: `ckptflow run` of a completed run answers without importing torch); elsewhere torch.
+    """
+    known = _linux_x86_cpu_only()
+    if known is not None:
+        return known
     import torch
 
     if torch.cuda.is_available():
         return Hardware(cuda=True, bf16=bool(torch.cuda.is_bf16_supported()), name=f"CUDA GPU {torch.cuda.get_device_name(0)}")
     return Hardware(cuda=False, bf16=_cpu_has_bf16(torch), name=f"CPU ({torch.backends.cpu.get_cpu_capability()})")
+
+
+# Device nodes of GPU drivers (NVIDIA, AMD ROCm): with any of them present, torch decides.
+_GPU_DEVICE_NODES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/proc/driver/nvidia")
+# /proc/cpuinfo flags of native bf16 on x86 (what torch's avx512_bf16 / AMX probes look for).
+_X86_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def _linux_x86_cpu_only() -> Hardware | None:
+    """The CPU from /proc/cpuinfo on a Linux x86 machine without a GPU device; None when unsure."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if any(os.path.exists(node) for node in _GPU_DEVICE_NODES):
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), None)
+    if flags is None:
+        return None
+    native = sorted(_X86_BF16_FLAGS.intersection(flags))
+    return Hardware(cuda=False, bf16=bool(native), name=f"CPU ({', '.join(native) or 'no native bf16'})")
 
 
 def _cpu_has_bf16(torch) -> bool:

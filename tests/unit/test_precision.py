@@ -60,6 +60,19 @@ def test_auto_is_what_trl_sftconfig_picks_on_this_machine(tmp_path):
         assert Settings().train.precision in ("fp32", "fp16")
 
 
+def test_the_cpu_flags_answer_agrees_with_torchs_probes():
+    # this_machine() answers from /proc/cpuinfo where it can (no torch import for a completed run's
+    # fingerprint); it must say what torch's own probes say, or two commands would fingerprint apart.
+    import torch
+    from ckptflow.precision import _cpu_has_bf16, _linux_x86_cpu_only
+
+    from_flags = _linux_x86_cpu_only()
+    if from_flags is None:
+        pytest.skip("not a Linux x86 machine without a GPU: torch answers")
+    assert (from_flags.cuda, from_flags.bf16) == (torch.cuda.is_available(), _cpu_has_bf16(torch))
+    assert this_machine() == from_flags
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [("auto", "auto"), ("AUTO", "auto"), (" Auto ", "auto"), ("true", True), ("1", True), ("yes", True),
