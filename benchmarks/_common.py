@@ -120,13 +120,14 @@ def ckptflow_env(
     return base_env(home, prefect_home=prefect_home, **{k: str(v) for k, v in settings.items()}, **extra)
 
 
-def bare_args(model_dir: Path, data_dir: Path, out_dir: Path, *, total_steps: int, save_steps: int) -> list[str]:
-    """Command line of the bare SFTTrainer script on the same workload."""
+def bare_args(model_dir: Path, data_dir: Path, out_dir: Path, *, total_steps: int, save_steps: int,
+              precision: str = "default") -> list[str]:  # fmt: skip
+    """Command line of the bare SFTTrainer script on the same workload (precision: TRL's default, or pinned)."""
     return [
         PYTHON, str(BARE_SCRIPT),
         "--model", str(model_dir), "--data", str(data_dir), "--out", str(out_dir),
         "--max-steps", str(total_steps), "--save-steps", str(save_steps),
-        "--batch-size", str(BATCH_SIZE), "--save-total-limit", str(SAVE_TOTAL_LIMIT),
+        "--batch-size", str(BATCH_SIZE), "--save-total-limit", str(SAVE_TOTAL_LIMIT), "--precision", precision,
     ]  # fmt: skip
 
 

@@ -1,7 +1,9 @@
 """Baseline: the fine-tune ckptflow wraps, as a bare TRL SFTTrainer script with HF checkpointing.
 
 Same model, data, LoRA config and training arguments as `ckptflow run` with the benchmark
-settings — fp32 included (TRL's SFTConfig defaults to bf16 autocast; ckptflow pins fp32).
+settings. Precision is TRL's default (SFTConfig picks bf16 autocast; nothing overridden), the
+script a user would write; `--precision fp32|bf16|fp16` pins one instead (matched-precision
+comparisons). The precision trained in is printed as `precision: <p>` on stdout.
 HF saves every --save-steps and rotates with save_total_limit (keeping the best by
 eval_loss, like `load_best_model_at_end` users do). No ckptflow import anywhere.
 
@@ -14,6 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+
+# --precision → HF's switches; "default" passes neither, so SFTConfig decides (bf16 = not fp16).
+PRECISION_ARGS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
 
 
 def read_texts(path: Path) -> list[str]:
@@ -32,6 +38,8 @@ def main() -> None:
     p.add_argument("--logging-steps", type=int, default=1, help="log every N steps (ckptflow's default is 1)")
     p.add_argument("--resume-from", default=None, help="checkpoint directory to resume from (explicit path)")
     p.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps in this process")
+    p.add_argument("--precision", choices=["default", *PRECISION_ARGS], default="default",
+                   help="default: TRL's choice (no bf16/fp16 argument); else pin HF's bf16/fp16 switches")  # fmt: skip
     args = p.parse_args()
 
     import datasets
@@ -75,11 +83,11 @@ def main() -> None:
         max_length=128,
         report_to=[],
         disable_tqdm=True,
-        bf16=False,  # TRL defaults to bf16 autocast; ckptflow trains in fp32, and so must the baseline
-        fp16=False,
         use_cpu=True,
         dataloader_num_workers=0,
+        **PRECISION_ARGS.get(args.precision, {}),
     )
+    print(f"precision: {'bf16' if config.bf16 else 'fp16' if config.fp16 else 'fp32'}", flush=True)
     trainer = SFTTrainer(
         model=model,
         args=config,

@@ -2,11 +2,17 @@
 
 Variants (each a real process; wall time from this parent, spans from the probe):
 
-  a        bare TRL SFTTrainer script, HF checkpointing (save_steps, save_total_limit)   [baseline]
+  a        bare TRL SFTTrainer script at TRL's defaults, HF checkpointing (save_steps,
+           save_total_limit)                                                           [baseline]
   b        `ckptflow run`, in-process launcher, Prefect temporary server (no PREFECT_API_URL)
   b-srv    the same against an already running `prefect server start` on 127.0.0.1
   c        launcher=subprocess (each chunk trains in a child process), running server
   d-N      chunk_steps=N, running server (N = total: one chunk; N = save_steps: many chunks)
+  *-fp32   the bare script and ckptflow both pinned to fp32 (a matched precision other than the default)
+
+Every run's precision is read back from the run itself (the bare script prints it; ckptflow's
+ledger records it), and every ckptflow run gets two ratios: against the bare script at TRL's
+defaults (what a user compares with) and against the bare script at the same precision.
 
 A long pair (a-long, b-long: a few minutes of training) gives the headline ratio; the other
 variants run a shorter workload against their own bare baseline `a`. Every ckptflow run is
@@ -16,6 +22,8 @@ hashing, ledger calls, ...) that add up to its wall time.
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import statistics
 import sys
 from dataclasses import dataclass
@@ -35,7 +43,8 @@ class Variant:
     chunk_steps: int = 0  # 0 = ckptflow's auto (about 4 chunks)
     launcher: str = "inprocess"
     server: str = "temp"  # "temp" (temporary server) or "running"
-    baseline: str = "a"
+    baseline: str = "a"  # the bare run at TRL's defaults of the same length
+    precision: str = "default"  # default (TRL's / ckptflow's auto) or pinned: fp32, bf16, fp16
 
 
 def variants(quick: bool) -> list[Variant]:
@@ -44,6 +53,8 @@ def variants(quick: bool) -> list[Variant]:
         return [
             Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
             Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
+            Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
+            Variant("b-fp32", "ckptflow run pinned fp32, temporary server", "ckptflow", t, s, precision="fp32"),
         ]
     long_t, long_s = 4000, 100
     t, s = 400, 50
@@ -53,6 +64,9 @@ def variants(quick: bool) -> list[Variant]:
         Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
         Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
         Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running"),
+        Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
+        Variant("b-srv-fp32", "ckptflow run pinned fp32, running server", "ckptflow", t, s, server="running",
+                precision="fp32"),  # fmt: skip
         Variant("c", "launcher=subprocess, running server", "ckptflow", t, s, launcher="subprocess", server="running"),
         Variant(f"d-{t}", "one chunk (chunk_steps=total), running server", "ckptflow", t, s, chunk_steps=t, server="running"),
         Variant(f"d-{s}", f"{t // s} chunks (chunk_steps={s}), running server", "ckptflow", t, s, chunk_steps=s, server="running"),
@@ -63,12 +77,32 @@ def run_variant(v: Variant, work: Path, home: Path, model: Path, data: Path, pre
                 server: C.PrefectServer | None) -> C.Proc:  # fmt: skip
     if v.kind == "bare":
         out = work / f"bare-{v.key}"
-        return C.run_probed(v.key, C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps),
-                            C.base_env(home), cwd=work)  # fmt: skip
+        return C.run_probed(v.key, C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps,
+                                               precision=v.precision), C.base_env(home), cwd=work)  # fmt: skip
     extra = {"PREFECT_API_URL": server.url} if v.server == "running" and server else {}
+    extra.update(PRECISION_ENV[v.precision])
     env = C.ckptflow_env(home, total_steps=v.total_steps, save_steps=v.save_steps, chunk_steps=v.chunk_steps,
                          launcher=v.launcher, prefect_home=prefect_home, **extra)  # fmt: skip
     return C.run_probed(v.key, [C.CKPTFLOW, "run", "--run-name", f"bench-{v.key}"], env, cwd=work)
+
+
+# A pinned precision as ckptflow settings (`default` leaves both switches at auto).
+PRECISION_ENV = {
+    "default": {},
+    "fp32": {"CKPTFLOW_TRAIN__BF16": "false", "CKPTFLOW_TRAIN__FP16": "false"},
+    "bf16": {"CKPTFLOW_TRAIN__BF16": "true"},
+    "fp16": {"CKPTFLOW_TRAIN__FP16": "true"},
+}
+
+
+def trained_precision(v: Variant, p: C.Proc, home: Path) -> str:
+    """The precision the run really trained in: the bare script prints it, ckptflow's ledger records it."""
+    if v.kind == "bare":
+        return next(line.split(":", 1)[1].strip() for line in p.stdout.splitlines() if line.startswith("precision:"))
+    with sqlite3.connect(home / "ledger.db") as db:
+        (config,) = db.execute("SELECT config FROM runs WHERE name = ?", (f"bench-{v.key}",)).fetchone()
+    train = json.loads(config)["settings"]["train"]
+    return "bf16" if train.get("bf16") is True else "fp16" if train.get("fp16") is True else "fp32"
 
 
 def fixed_seconds(parts: dict[str, float]) -> float:
@@ -93,10 +127,11 @@ def per_train_call(p: C.Proc) -> list[dict]:
     return out
 
 
-def summarize(v: Variant, p: C.Proc) -> dict:
+def summarize(v: Variant, p: C.Proc, home: Path) -> dict:
     parts = C.breakdown(p)
     steps = C.step_intervals(p)
     return {
+        "precision": trained_precision(v, p, home),
         "train_calls": per_train_call(p),
         "variant": v.__dict__,
         "chunks": p.count("chunks.run_chunk") or 1,
@@ -133,8 +168,8 @@ def main() -> None:
                 report.data["running_server_startup_seconds"] = server.startup_seconds
             print(f"[overhead] {v.key}: {v.what} ({v.total_steps} steps, save every {v.save_steps}) ...", flush=True)
             p = run_variant(v, work, home, model, data, prefect_home, server)
-            results[v.key] = summarize(v, p)
-            print(f"[overhead] {v.key}: wall {p.wall:.1f}s, cpu {p.cpu:.1f}s", flush=True)
+            results[v.key] = summarize(v, p, home)
+            print(f"[overhead] {v.key}: wall {p.wall:.1f}s, cpu {p.cpu:.1f}s, {results[v.key]['precision']}", flush=True)
         if server_ctx is not None:
             server_ctx.__exit__(None, None, None)
     report.data["runs"] = results
@@ -147,15 +182,18 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
     for v in todo:
         r, base = results[v.key], results[v.baseline]
         var_r = (r["wall"] - r["fixed"]) / (base["wall"] - base["fixed"]) if base["wall"] > base["fixed"] else None
+        matched = _matched_bare(v, todo, results)
         rows.append([
-            v.key, v.what, v.total_steps, r["chunks"], r["wall"], r["cpu"], r["first_step_at"], r["fixed"],
-            C.ratio(r["wall"], base["wall"]), f"{var_r:.2f}×" if var_r else "—",
+            v.key, v.what, r["precision"], v.total_steps, r["chunks"], r["wall"], r["cpu"], r["first_step_at"],
+            r["fixed"], C.ratio(r["wall"], base["wall"]), f"{var_r:.2f}×" if var_r else "—",
+            f"{C.ratio(r['wall'], results[matched]['wall'])} ({matched})" if matched else "—",
             C.ratio(r["cpu"], base["cpu"]), r["step_median_ms"], r["load"],
         ])  # fmt: skip
     report.table(
-        "Runs (seconds; ratios against the bare run of the same length)",
-        ["run", "what", "steps", "chunks", "wall", "CPU", "1st step at", "fixed costs", "wall ratio",
-         "ratio excl. fixed", "CPU ratio", "median step ms", "load"],
+        "Runs (seconds; ratios against the bare run of the same length at TRL's defaults, and at the same precision)",
+        ["run", "what", "precision", "steps", "chunks", "wall", "CPU", "1st step at", "fixed costs",
+         "wall ratio vs TRL defaults", "ratio excl. fixed", "wall ratio, same precision", "CPU ratio",
+         "median step ms", "load"],
         rows,
     )  # fmt: skip
     for group in _groups(todo):
@@ -228,6 +266,15 @@ def _derived(todo: list[Variant], results: dict[str, dict]) -> list[str]:
         out.append(f"launcher=subprocess costs {per:.2f}s per chunk (c vs b-srv), of which re-importing "
                    f"torch/transformers/TRL in the child {imports:.2f}s")  # fmt: skip
     return out
+
+
+def _matched_bare(v: Variant, todo: list[Variant], results: dict[str, dict]) -> str | None:
+    """The bare run of the same workload that trained in the same precision as `v` (None if none did)."""
+    if v.kind == "bare":
+        return None
+    want = results[v.key]["precision"]
+    return next((b.key for b in todo if b.kind == "bare" and (b.total_steps, b.save_steps) == (v.total_steps, v.save_steps)
+                 and results[b.key]["precision"] == want), None)  # fmt: skip
 
 
 def _groups(todo: list[Variant]) -> list[list[Variant]]:

@@ -1,4 +1,4 @@
-"""Run every benchmark of issue 6 in one go (what `make bench` does) and write one summary.
+"""Run every benchmark (issues 6 and 13) in one go (what `make bench` does) and write one summary.
 
     python benchmarks/run_all.py            # full: about 15 minutes on 2 CPU cores
     python benchmarks/run_all.py --quick    # tiny sizes, a minute or two: checks that everything runs
@@ -30,6 +30,9 @@ BENCHMARKS = {
     "ledger": "bench_ledger.py",
     "stall": "bench_stall.py",
     "remote": "bench_remote.py",
+    "ddp": "bench_ddp.py",
+    "cli": "bench_cli.py",
+    "logging": "bench_logging.py",
 }
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import State, flow, get_run_logger
+from prefect.context import FlowRunContext
+from prefect.states import Completed
 
 from ckptflow import pipeline
 from ckptflow.chunks import lease_holder_id
-from ckptflow.errors import BadInputError, InsufficientDiskError
+from ckptflow.errors import BadInputError, InsufficientDiskError, RunLockedError
 from ckptflow.ledger import RunStatus
 from ckptflow.params import FinetuneOverrides, RunName, settings_overrides
 from ckptflow.planning import schedule_for
@@ -18,6 +21,9 @@ from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
 from tasks.live import LiveSummary, live_updates
 from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
+
+# State name of a duplicate submission's flow run: the run's lease holder trains it (a Completed type).
+SKIPPED = "Skipped"
 
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
@@ -86,34 +92,62 @@ def finetune(
         overrides: Settings to change for this run; empty fields keep the config file / environment / defaults.
     """
     quiet_libraries()
-    logger = get_run_logger()
     settings = resolve_settings(config_file, overrides)
     install_redaction([settings.ledger])  # now that Prefect's log handlers exist: mask secrets in every record
     prepared = prepare_data(settings)(settings)
     opened = open_run(settings, prepared, run_name, new)
     name = opened.run.name
     if opened.completed:
-        logger.info("run %s already completed; pass new=True (--new) to train again", name)
-        return {"run": name, "status": "completed", "already_completed": True}
-    result: dict[str, Any] = {"run": name}
-    with pipeline.run_lease(settings, name, lease_holder_id()):
+        return _already_completed(name)
+    with ExitStack() as leased:
         try:
-            done = _steps_done(settings, name)
-            progress = RunProgress(name, opened.run.total_steps, done)
-            live = LiveSummary(settings, name, progress)
-            with live_updates(settings, name, live.saved, start_step=done):
-                total = opened.run.total_steps
-                result["chunks"] = train_all_chunks(settings, name, total, prepared.train_rows, progress, live)
-            result["evaluation"] = evaluate(settings, name)
-            result["export"] = export_best(settings, name)
-            pipeline.set_status(settings, name, RunStatus.COMPLETED)
-            result["status"] = "completed"
-        except BaseException:
-            _mark_failed(settings, name)
-            raise
-        finally:
-            publish_quietly(publish_run_artifacts, settings, name)
+            run = leased.enter_context(pipeline.run_lease(settings, name, lease_holder_id()))
+        except RunLockedError as exc:  # another flow run or process trains it now: never two writers
+            if not _deployment_run():
+                raise  # `ckptflow run` (or a subflow): the caller reports it (exit 2)
+            return _skip_duplicate(name, exc)
+        if run.status == RunStatus.COMPLETED:  # its previous holder finished it after open_run read it
+            return _already_completed(name)
+        return _train_evaluate_export(settings, name, opened.run.total_steps, prepared.train_rows)
+
+
+def _train_evaluate_export(settings: Settings, name: str, total_steps: int, train_rows: int) -> dict[str, Any]:
+    """The run's remaining chunks, evaluation and export, under its lease; the run is marked failed if any fails."""
+    result: dict[str, Any] = {"run": name}
+    try:
+        done = _steps_done(settings, name)
+        progress = RunProgress(name, total_steps, done)
+        live = LiveSummary(settings, name, progress)
+        with live_updates(settings, name, live.saved, start_step=done):
+            result["chunks"] = train_all_chunks(settings, name, total_steps, train_rows, progress, live)
+        result["evaluation"] = evaluate(settings, name)
+        result["export"] = export_best(settings, name)
+        pipeline.set_status(settings, name, RunStatus.COMPLETED)
+        result["status"] = "completed"
+    except BaseException:
+        _mark_failed(settings, name)
+        raise
+    finally:
+        publish_quietly(publish_run_artifacts, settings, name)
     return result
+
+
+def _already_completed(name: str) -> dict[str, Any]:
+    get_run_logger().info("run %s already completed; pass new=True (--new) to train again", name)
+    return {"run": name, "status": "completed", "already_completed": True}
+
+
+def _deployment_run() -> bool:
+    """Whether this flow run was submitted to a deployment (a worker or `ckptflow serve` runs it)."""
+    context = FlowRunContext.get()
+    return context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+
+
+def _skip_duplicate(name: str, refusal: RunLockedError) -> State:
+    """End a duplicate submission `Skipped`, with the lease's refusal as its message: nothing failed (the lease
+    holder trains the run), so no Failed state and no traceback; the run is never written by two processes."""
+    get_run_logger().warning("skipped: %s", refusal)
+    return Completed(name=SKIPPED, message=str(refusal), data={"run": name, "status": "skipped", "reason": str(refusal)})
 
 
 def _mark_failed(settings: Settings, name: str) -> None:

@@ -14,6 +14,7 @@ from ckptflow.launchers import launcher
 from ckptflow.planning import Chunk
 from ckptflow.runs import OpenedRun
 from ckptflow.settings import Settings
+from tasks.step_lines import batched_step_lines, plain_console_step_lines
 
 # Under $CKPTFLOW_HOME: Prefect's persisted task results (the prepare_data cache).
 PREFECT_RESULTS_DIR = "prefect-results"
@@ -64,7 +65,9 @@ def train_chunk(settings: Settings, run_name: str, chunk: Chunk) -> ChunkResult:
         prefect_flow_run_id=flow_run_id,
         prefect_task_run_id=task_run_id,
     )
-    return run_chunk(job, launcher(settings.train.launcher))
+    # Step lines: one API record per batch interval, not per step; plain text to a console that is no terminal.
+    with batched_step_lines((flow_run_id, task_run_id)), plain_console_step_lines():
+        return run_chunk(job, launcher(settings.train.launcher))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

@@ -170,9 +170,13 @@ def run(
     preflight.check_cheap(settings)  # settings, home, ledger, data rows, config.json, memory: before any heavy import
     for warning in settings.warnings():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    completed = preflight.completed_run(settings, run_name, new)  # about as fast as --help: no torch, no Prefect
+    if completed is not None:
+        _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
+        return
     from ckptflow.quiet import quiet_libraries
 
-    quiet_libraries()
+    quiet_libraries()  # imports transformers and datasets
     completed = preflight.check_resume(settings, run_name, new)  # exit 2 before Prefect; a finished run answers
     if completed is not None:
         _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
@@ -225,11 +229,14 @@ def plan(
 ) -> None:
     """Chunks, save/eval points, what is kept, and disk needed — without training."""
     from ckptflow.planner import plan_for_settings
+    from ckptflow.precision import check_supported
     from ckptflow.preflight import check_finite
 
     settings = _settings(config)
     check_finite(settings)
     document = plan_for_settings(settings, at_step=at).to_json()
+    document["precision"] = settings.train.precision  # `auto` resolved on this machine, as a run would train
+    check_supported(document["precision"])
     if as_json:
         _emit_json(document)
         return
@@ -249,6 +256,7 @@ def _print_plan(p: dict[str, Any]) -> None:
     out.print(f"chunks           {len(p['chunks'])}: {chunks}", highlight=False)
     out.print(f"save points      {_steps(p['save_points'])}", highlight=False)
     out.print(f"eval points      {_steps(p['eval_points'])}", highlight=False)
+    out.print(f"precision        {p['precision']}", highlight=False)
     kept = p["kept_at_end"]
     out.print(f"kept at the end  {_steps(kept) if isinstance(kept, list) else kept}", highlight=False)
     out.print(f"per checkpoint   ~{p['bytes_per_checkpoint'] / mib:.2f} MiB; at most {p['checkpoints_on_disk_max']} on disk", highlight=False)

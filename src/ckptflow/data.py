@@ -204,15 +204,14 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
 
     Runtime truncation/padding state is excluded, so calling the tokenizer never changes it.
     """
+    from ckptflow.tokenizer_files import identity  # one rule, also read from files (tokenizer_files)
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
     else:  # slow (Python) tokenizer
         spec = {"class": type(tokenizer).__name__, "vocab": sorted(tokenizer.get_vocab().items())}
-    blob = json.dumps({"spec": spec, "eos": tokenizer.eos_token}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return identity(spec, tokenizer.eos_token)
 
 
 def data_fingerprint(
@@ -352,10 +351,13 @@ def check_split(data: DataSettings, sizes: SplitSizes, *, evaluates: bool) -> No
 
 def fingerprint_only(data: DataSettings, *, tokenizer: PreTrainedTokenizerBase, max_length: int, seed: int) -> str:
     """The fingerprint `prepare_data` would give, without tokenizing or touching the cache."""
+    return fingerprint_of(data, tokenizer_id=tokenizer_identity(tokenizer), max_length=max_length, seed=seed)
+
+
+def fingerprint_of(data: DataSettings, *, tokenizer_id: str, max_length: int, seed: int) -> str:
+    """`fingerprint_only` given the tokenizer's identity (no transformers import: see tokenizer_files)."""
     train, eval_, _ = _load_train_eval(data, seed)
-    return data_fingerprint(
-        train, eval_, tokenizer_id=tokenizer_identity(tokenizer), text_field=data.text_field, max_length=max_length
-    )
+    return data_fingerprint(train, eval_, tokenizer_id=tokenizer_id, text_field=data.text_field, max_length=max_length)
 
 
 def prepare_data(

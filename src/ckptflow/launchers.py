@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, Launch, train_attempt
 from ckptflow.errors import BadInputError, CkptflowError, InsufficientDiskError, LeaseLostError
+from ckptflow.logline import STEP_LINE, is_step_line
 from ckptflow.worker import ERROR_LINE_PREFIX, EXIT_BAD_INPUT, EXIT_DISK_FULL, PARENT_PID_ENV, TORCHRUN_AGENT_ARG
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def _stream(proc: subprocess.Popen, chunk: int) -> tuple[list[str], str | None]:
         tail = (tail + [line])[-_TAIL_LINES:]
         if timed_out is None and _COLLECTIVE_TIMEOUT.search(line):
             timed_out = line
-        log.info("[chunk %d] %s", chunk, line)
+        log.info("[chunk %d] %s", chunk, line, extra={STEP_LINE: is_step_line(line)})  # step lines: batched for Prefect
     return tail, timed_out
 
 

@@ -9,6 +9,7 @@ Full-precision values stay in the ledger, trainer_state.json and `--json` output
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +19,11 @@ from typing import Any
 _TRAIN_FIELDS = (("loss", "loss", "{:.4g}"), ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "grad", "{:.3g}"))
 # The final summary HF logs once per train() call (train_runtime, train_loss, …).
 _SUMMARY_KEY = "train_runtime"
+# LogRecord attribute (logging's `extra`) marking a training step line, the per-step stream: an
+# orchestrator may batch these before they cross a network; every other line matters on its own.
+STEP_LINE = "ckptflow_step_line"
+# A training step line, anywhere in a text (a child process's relayed output carries a prefix); not an eval line.
+_STEP_LINE_RE = re.compile(r"step \d+/\d+ \(\d+%\)(?! · eval )")
 
 
 def _eta(seconds: float) -> str:
@@ -71,4 +77,9 @@ def format_log_line(step: int, total_steps: int, logs: dict[str, Any], rate: flo
     return " · ".join(parts)
 
 
-__all__ = ["StepRate", "format_log_line"]
+def is_step_line(text: str) -> bool:
+    """Whether `text` holds a training step line of `format_log_line` (not an eval line)."""
+    return _STEP_LINE_RE.search(text) is not None
+
+
+__all__ = ["STEP_LINE", "StepRate", "format_log_line", "is_step_line"]

@@ -10,13 +10,13 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from ckptflow import faults
 from ckptflow.evaluation import EVAL_LOSS, PERPLEXITY
-from ckptflow.ledger import Ledger, RunStatus
+from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import DATA_CACHE_DIR, PREFECT_RESULTS_DIR, contained
 from ckptflow.remote_restore import fetch_missing
 from ckptflow.runs import OpenedRun, get_run, open_run
@@ -125,8 +125,8 @@ def open_or_create_run(settings: Settings, prepared: PreparedInfo, run_name: str
             run_name=run_name,
             new=new,
         )
-        if not opened.completed:
-            ledger.set_run_status(opened.run.id, RunStatus.RUNNING)
+        if not opened.completed:  # if it completed since it was read, it stays completed (a duplicate submission)
+            opened = replace(opened, run=ledger.reopen_run(opened.run.id))
         return opened
     finally:
         ledger.close()
@@ -260,14 +260,16 @@ def export_metrics(step: int, checkpoint_metrics: dict[str, Any], evaluation: di
 
 
 @contextmanager
-def run_lease(settings: Settings, run_name: str, holder: str) -> Iterator[None]:
-    """Hold the run's lease for the block (heartbeat thread): a second live `ckptflow run` on this run is refused."""
+def run_lease(settings: Settings, run_name: str, holder: str) -> Iterator[RunRecord]:
+    """Hold the run's lease for the block (heartbeat thread): a second live `ckptflow run` on this run is refused.
+
+    Yields the run as read once the lease is ours: what the previous holder left (it may have completed it).
+    """
     from ckptflow.lease import hold_lease
 
-    ledger = Ledger(settings.ledger, home=settings.home)
-    try:
+    with Ledger(settings.ledger, home=settings.home) as ledger:
         run_id = get_run(ledger, run_name).id
-    finally:
-        ledger.close()
     with hold_lease(settings.ledger, run_id, holder):
-        yield
+        with Ledger(settings.ledger, home=settings.home) as ledger:  # not held open while training
+            run = ledger.get_run_by_id(run_id)
+        yield run

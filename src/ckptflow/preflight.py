@@ -3,7 +3,8 @@
 `ckptflow run` calls, before it starts Prefect or writes a ledger row:
 1. `check_cheap` — settings, home, ledger, data rows, config.json, memory; imports no torch,
    transformers or Prefect, so a refusal takes about as long as `ckptflow --help`;
-2. `check_resume` — a changed or locked run is refused, a completed one answers (needs the tokenizer);
+2. `completed_run` — a completed run answers from the tokenizer's files and the ledger (no torch);
+   else `check_resume` — a changed or locked run is refused, a completed one answers (loads the tokenizer);
 3. `check_model` — transformers builds the model and the LoRA targets exist (imports torch/PEFT).
 Read-only commands use `open_readonly_ledger`, which creates and migrates nothing.
 Every refusal is a BadInputError whose message names what to change.
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import ConfigError, HomeError, LedgerError
 from ckptflow.settings import Settings, env_var_for
-from ckptflow.sqlite_url import sqlite_file
+from ckptflow.sqlite_url import plain_sqlite_url, sqlite_file
 
 if TYPE_CHECKING:
     from ckptflow.data import SplitSizes
@@ -39,6 +40,12 @@ _GIB = 2**30
 MAX_TOTAL_STEPS = 10_000_000
 # Most chunks a run may have: each is a Prefect task run with its own trainer start-up.
 MAX_CHUNKS = 10_000
+# The Alembic migrations shipped with the package; their `revision = "…"` lines name the head.
+_MIGRATIONS = Path(__file__).parent / "ledger" / "migrations" / "versions"
+_REVISION_LINE = re.compile(r"^(revision|down_revision)\b[^=\n]*=\s*(.+?)\s*$", re.MULTILINE)
+# How the ledger stores RunStatus.COMPLETED and a released lease (read here with sqlite3, without the ORM).
+_COMPLETED = "completed"
+_NO_HOLDER = ""
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -121,17 +128,38 @@ def check_ledger(url: str) -> str | None:
     None when there is no ledger yet (a SQLite file that does not exist or holds no schema).
     Opens everything read-only. Raises LedgerError naming CKPTFLOW_LEDGER_URL.
     """
-    dialect_url = _parse_url(url)
-    _check_driver(url, dialect_url)
-    if dialect_url.get_backend_name() == "sqlite":
+    if plain_sqlite_url(url):  # stdlib sqlite3: no driver to check, no SQLAlchemy to import
         revision = _sqlite_revision(url)
     else:
-        revision = _server_revision(url)
-    if revision is not None:  # alembic and the models are imported only when there is a schema to check
+        dialect_url = _parse_url(url)
+        _check_driver(url, dialect_url)
+        revision = _sqlite_revision(url) if dialect_url.get_backend_name() == "sqlite" else _server_revision(url)
+    if revision is not None and revision != shipped_head():  # alembic (~0.3 s) only when it has something to say
         from ckptflow.ledger.store import check_revision
 
         check_revision(url, revision, readonly=False)
     return revision
+
+
+def shipped_head() -> str | None:
+    """The newest migration shipped with this package, read from its files; None when they don't say plainly.
+
+    Alembic's own answer (`ledger.store.head_revision`) costs its import; this is for answers that
+    must stay about as fast as `ckptflow --help`.
+    """
+    revisions, parents = set(), set()
+    for script in _MIGRATIONS.glob("*.py"):
+        found = dict(_REVISION_LINE.findall(script.read_text()))
+        if "revision" not in found:
+            continue
+        values = {key: value.strip() for key, value in found.items()}
+        if not all(re.fullmatch(r"\"\w+\"|'\w+'|None", v) for v in values.values()):
+            return None  # a merge (a tuple of parents) or anything unusual: let Alembic decide
+        revisions.add(values["revision"].strip("\"'"))
+        if values.get("down_revision", "None") != "None":
+            parents.add(values["down_revision"].strip("\"'"))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
 
 
 def _parse_url(url: str) -> Any:
@@ -339,10 +367,87 @@ def check_cheap(settings: Settings) -> None:
 
 
 def check_model(settings: Settings) -> None:
-    """transformers can build the model from its config, and the LoRA targets exist (imports torch/PEFT)."""
+    """transformers can build the model from its config, the LoRA targets exist, this machine can train in
+    the run's precision (imports torch/PEFT)."""
     from ckptflow.modeling import check_lora_targets, model_config
+    from ckptflow.precision import check_supported
 
     check_lora_targets(model_config(settings.model.name_or_path, settings.home), settings.model)
+    check_supported(settings.train.precision)
+
+
+def completed_run(settings: Settings, run_name: str | None, new: bool) -> str | None:
+    """The name of the completed run `ckptflow run` would resume, answered without transformers, torch or Prefect.
+
+    The data fingerprint comes from the tokenizer's files (`tokenizer_files`): a guess that counts
+    only when the ledger recorded exactly it for a completed run no process holds. None means "not
+    sure": the caller runs `check_resume`, which loads the tokenizer, decides and refuses.
+    """
+    if new or not ledger_exists(settings):
+        return None
+    from ckptflow.data import fingerprint_of
+    from ckptflow.modeling import resolve_model
+    from ckptflow.runs import default_run_name, run_fingerprint
+    from ckptflow.tokenizer_files import identity_from_files
+
+    tokenizer_id = identity_from_files(resolve_model(settings.model.name_or_path, settings.home).path)
+    if tokenizer_id is None:
+        return None
+    fingerprint = fingerprint_of(
+        settings.data, tokenizer_id=tokenizer_id, max_length=settings.model.max_length, seed=settings.train.seed
+    )
+    name = run_name or default_run_name(settings, fingerprint)
+    recorded = _recorded_run(settings, name)
+    if recorded is None:
+        return None
+    recorded_fingerprint, status, holder = recorded
+    if status != _COMPLETED or holder != _NO_HOLDER or recorded_fingerprint != run_fingerprint(settings, fingerprint):
+        return None  # not finished, held by a process, or not provably the same run: check_resume decides
+    return name
+
+
+def _recorded_run(settings: Settings, name: str) -> tuple[str, str, str] | None:
+    """(run fingerprint, status, lease holder) of run `name` as recorded; None when there is no such run.
+
+    A SQLite ledger is read with sqlite3 (no SQLAlchemy ORM or Alembic import); a server through the Ledger.
+    """
+    path = sqlite_file(settings.ledger)
+    if path is None:
+        return _recorded_run_on_server(settings, name)
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(readonly_sqlite_uri(path), uri=True)
+        try:
+            row = con.execute(
+                "SELECT runs.fingerprint, runs.status, COALESCE(leases.holder, ?) FROM runs "
+                "LEFT JOIN leases ON leases.run_id = runs.id WHERE runs.name = ?",
+                (_NO_HOLDER, name),
+            ).fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # an older schema, a lock: not sure, the full check reads it through the Ledger
+        return None
+    return tuple(row) if row is not None else None
+
+
+def _recorded_run_on_server(settings: Settings, name: str) -> tuple[str, str, str] | None:
+    from ckptflow.errors import BadInputError
+
+    ledger = open_readonly_ledger(settings)
+    if ledger is None:
+        return None
+    try:
+        run = ledger.get_run(name)
+        if run is None:
+            return None
+        try:
+            ledger.check_lease(run.id)
+        except BadInputError:  # held by a live process
+            return run.fingerprint, str(run.status), "(held)"
+        return run.fingerprint, str(run.status), _NO_HOLDER
+    finally:
+        ledger.close()
 
 
 def check_resume(settings: Settings, run_name: str | None, new: bool) -> str | None:

@@ -199,7 +199,8 @@ def summary_markdown(ledger: Ledger, run_name: str, loss_curve: Path | None = No
     lines = [
         f"# Run `{run.name}`",
         "",
-        f"- status: **{run.status}**; steps: {run.total_steps}; base model: `{run.base_model}`",
+        f"- status: **{run.status}**; steps: {run.total_steps}; base model: `{run.base_model}`; "
+        f"precision: {_precision(run)}",
         f"- best step: {m.get('best_step', '—')}",
         f"- export: `{exports[-1].path}` (step {exports[-1].step})" if exports else "- export: none yet",
         f"- retries: {retries} (each resumed from the newest verified checkpoint)",
@@ -226,6 +227,11 @@ def summary_markdown(ledger: Ledger, run_name: str, loss_curve: Path | None = No
             lines += [f"![loss curve of {run.name}]({png_data_uri(loss_curve)})", ""]
         lines.append(f"PNG: `{loss_curve}`")
     return "\n".join(lines)
+
+
+def _precision(run) -> str:
+    """The precision the run recorded (resolved when it opened, so never `auto`)."""
+    return run_settings(run).train.precision
 
 
 def decision_markdown(record: dict[str, Any]) -> str:

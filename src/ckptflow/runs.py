@@ -5,13 +5,23 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import FingerprintMismatchError, RunNotFoundError
-from ckptflow.ledger import Ledger, RunRecord, RunStatus
 from ckptflow.paths import validate_run_name
 from ckptflow.secrets import mask_url
-from ckptflow.settings import WORLD_SIZE_KEY, Settings, env_var_for, settings_from_json, steps_per_epoch
+from ckptflow.settings import (
+    PRECISION_KEYS,
+    WORLD_SIZE_KEY,
+    Settings,
+    describe_precision_change,
+    env_var_for,
+    settings_from_json,
+    steps_per_epoch,
+)
+
+if TYPE_CHECKING:  # the ledger (SQLAlchemy ORM, Alembic) is imported where used: fast answers need only fingerprints
+    from ckptflow.ledger import Ledger, RunRecord
 
 # Keys of runs.config (JSON).
 CONFIG_SETTINGS = "settings"
@@ -25,6 +35,8 @@ class OpenedRun:
 
     @property
     def completed(self) -> bool:
+        from ckptflow.ledger import RunStatus
+
         return self.run.status == RunStatus.COMPLETED
 
 
@@ -73,16 +85,19 @@ def describe_difference(old: RunRecord, settings: Settings, data_fingerprint: st
     after = _flatten(settings.fingerprint_inputs())
     for flat in (before, after):  # recorded only when > 1 (see Settings.fingerprint_inputs)
         flat.setdefault(_WORLD_SIZE, 1)
-    keys = sorted(set(before) | set(after))
+    keys = sorted((set(before) | set(after)) - set(_PRECISION))
     lines = [
         f"  {k}: {before.get(k)!r} -> {after.get(k)!r} ({_env_name(k)})" for k in keys if before.get(k) != after.get(k)
     ]
+    precision = describe_precision_change(*({k: flat.get(f"train.{k}") for k in PRECISION_KEYS} for flat in (before, after)))
+    lines += [precision] if precision else []
     old_data = old.config.get(CONFIG_DATA_FINGERPRINT)
     if old_data != data_fingerprint:
         lines.append(f"  data fingerprint: {str(old_data)[:12]} -> {data_fingerprint[:12]} (data or tokenizer changed)")
     return "\n".join(lines) or "  (fingerprint algorithm changed)"
 
 
+_PRECISION = [f"train.{k}" for k in PRECISION_KEYS]  # one line for both (settings.describe_precision_change)
 # The world size is no setting of its own: it comes from these two.
 _WORLD_SIZE = f"train.{WORLD_SIZE_KEY}"
 _WORLD_SIZE_SOURCES = "CKPTFLOW_TRAIN__NPROC_PER_NODE with CKPTFLOW_TRAIN__LAUNCHER=torchrun; else 1"
@@ -126,13 +141,20 @@ def open_run(
     # Not where the home or ledger is: a moved home must not be located through the recorded settings.
     recorded = {k: v for k, v in settings.to_json().items() if k not in ("home", "ledger_url")}
     config = {CONFIG_SETTINGS: recorded, CONFIG_DATA_FINGERPRINT: data_fingerprint}
-    run = ledger.create_run(
-        name,
-        fingerprint=fingerprint,
-        config=config,
-        base_model=settings.model.name_or_path,
-        total_steps=total_steps(settings, train_rows),
-    )
+    try:
+        run = ledger.create_run(
+            name,
+            fingerprint=fingerprint,
+            config=config,
+            base_model=settings.model.name_or_path,
+            total_steps=total_steps(settings, train_rows),
+        )
+    except ValueError:  # the same name submitted twice at once: the other submission created it first
+        existing = ledger.get_run(name)
+        if existing is None or new:
+            raise
+        _refuse_changed(existing, settings, data_fingerprint)
+        return OpenedRun(existing, created=False)
     return OpenedRun(run, created=True)
 
 

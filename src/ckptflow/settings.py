@@ -31,6 +31,8 @@ from pydantic_settings import (
 from ckptflow import config_sources
 from ckptflow.errors import ConfigError
 from ckptflow.paths import CHECKPOINTS_DIR, EXPORTS_DIR, QUARANTINE_DIR, RUNS_DIR, contained, validate_run_name
+from ckptflow.precision import AUTO, Precision, Switch
+from ckptflow.precision import resolve as resolve_precision
 
 ENV_PREFIX = "CKPTFLOW_"
 ENV_NESTED_DELIMITER = "__"
@@ -101,6 +103,14 @@ class DataSettings(_Group):
     )
 
 
+# How an env var, .env or TOML string may spell a precision switch (pydantic's bool words, and auto).
+_SWITCH_WORDS: dict[str, Switch] = {
+    **dict.fromkeys(("true", "1", "yes", "on", "t", "y"), True),
+    **dict.fromkeys(("false", "0", "no", "off", "f", "n"), False),
+    AUTO: AUTO,
+}
+
+
 class TrainSettings(_Group):
     epochs: FiniteFloat = Field(2, gt=0, description="HF num_train_epochs; ignored when max_steps > 0.")
     max_steps: int = Field(-1, le=_MAX_COUNT, description="Total optimizer steps; -1 = derive from epochs.")
@@ -131,7 +141,13 @@ class TrainSettings(_Group):
     gradient_checkpointing: bool = Field(
         False, description="HF gradient_checkpointing: recompute activations in backward (less memory, slower)."
     )
-    bf16: bool = Field(False, description="HF bf16: bfloat16 mixed precision (GPUs that support it); false = fp32.")
+    bf16: Switch = Field(
+        AUTO,
+        description="HF bf16: bfloat16 mixed precision; auto = TRL's default (on where the GPU or CPU runs bf16 natively).",
+    )
+    fp16: Switch = Field(
+        AUTO, description="HF fp16: float16 mixed precision (CUDA GPUs); auto = on only on a GPU without bf16."
+    )
     report_to: str = Field(
         "none",
         description="HF TrainingArguments.report_to: `none`, or integrations separated by commas "
@@ -146,6 +162,21 @@ class TrainSettings(_Group):
         if unknown:
             raise ValueError(f"unknown integration {', '.join(map(repr, unknown))}; HF knows {', '.join(REPORT_INTEGRATIONS)}")
         return ",".join(names) or "none"
+
+    @field_validator("bf16", "fp16", mode="before")
+    @classmethod
+    def _switch(cls, value: Any) -> Any:
+        # Here, not by the union: its error would name its members (`train.bf16.bool`), not the setting.
+        if isinstance(value, str) and value.strip().lower() in _SWITCH_WORDS:
+            return _SWITCH_WORDS[value.strip().lower()]
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise ValueError("must be true, false or 'auto'")
+
+    @property
+    def precision(self) -> Precision:
+        """fp32, bf16 or fp16: the switches resolved on this machine (see ckptflow.precision)."""
+        return resolve_precision(self.bf16, self.fp16)
 
     @property
     def world_size(self) -> int:
@@ -282,8 +313,11 @@ def report_to_list(value: str) -> list[str]:
 # and enters the fingerprint as `train.world_size` (see fingerprint_inputs).
 _NOT_IN_FINGERPRINT = {
     "chunk_steps", "retries", "retry_delay_seconds", "launcher", "nproc_per_node", "ddp_timeout_seconds", "report_to",
-    "gradient_checkpointing", "bf16",  # enter only when on (below): fingerprints recorded before they existed stay valid
+    "gradient_checkpointing",  # enters only when on (below): fingerprints recorded before it existed stay valid
+    "bf16", "fp16",  # enter as the resolved precision, only when not fp32 (below)
 }  # fmt: skip
+# Precision switches: what a config recorded before a switch existed meant (both were off, fp32).
+_RECORDED_SWITCH_DEFAULT = False
 WORLD_SIZE_KEY = "world_size"
 
 # Top-level settings that may hold credentials: never serialized (to_json), never echoed in errors.
@@ -391,9 +425,13 @@ class Settings(BaseSettings):
         train = self.train.model_dump(mode="json", exclude=_NOT_IN_FINGERPRINT)
         if self.train.world_size > 1:  # only then: single-process runs keep the fingerprint they always had
             train[WORLD_SIZE_KEY] = self.train.world_size
-        for switch in ("gradient_checkpointing", "bf16"):
-            if getattr(self.train, switch):
-                train[switch] = True
+        if self.train.gradient_checkpointing:
+            train["gradient_checkpointing"] = True
+        # The resolved precision, not the switches: `auto` means different weights on different machines.
+        # fp32 adds nothing (fingerprints of fp32 runs never had it); bf16 as `bf16: true`, as before `auto`.
+        precision = self.train.precision
+        if precision != "fp32":
+            train[precision] = True
         return {
             "model": self.model.model_dump(mode="json"),
             "data": self.data.model_dump(mode="json"),
@@ -404,8 +442,36 @@ class Settings(BaseSettings):
         }
 
     def to_json(self) -> dict[str, Any]:
-        """Every setting as JSON, without the secret ones (SECRET_FIELDS): safe to record, log or send."""
-        return self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        """Every setting as JSON, without the secret ones (SECRET_FIELDS): safe to record, log or send.
+
+        The precision switches come out resolved (true/false, never `auto`): a run records, and every
+        chunk's process trains with, the precision chosen here, whatever machine reads it later.
+        """
+        document = self.model_dump(mode="json", exclude=set(SECRET_FIELDS))
+        precision = self.train.precision
+        document["train"].update(bf16=precision == "bf16", fp16=precision == "fp16")
+        return document
+
+
+# Keys of fingerprint_inputs()["train"] that carry the precision (absent = fp32).
+PRECISION_KEYS = ("bf16", "fp16")
+
+
+def describe_precision_change(recorded_train: dict[str, Any], train: dict[str, Any]) -> str | None:
+    """One line for a refusal when the precision differs between two fingerprint_inputs()["train"]:
+    what changed and the variables that pin the recorded precision on this machine; None when equal."""
+    before, after = (next((k for k in PRECISION_KEYS if t.get(k)), "fp32") for t in (recorded_train, train))
+    if before == after:
+        return None
+    bf16, fp16 = env_var_for(("train", "bf16")), env_var_for(("train", "fp16"))
+    if before == "fp32":
+        pin = f"{bf16}=false" if resolve_precision(False, AUTO) == "fp32" else f"{bf16}=false {fp16}=false"
+    else:
+        pin = f"{env_var_for(('train', before))}=true"
+    return (
+        f"  precision: {before} -> {after} ({bf16} / {fp16}; `auto` resolves on the machine that trains): "
+        f"resume in {before} with {pin}"
+    )
 
 
 def _metric_higher_is_better(metric_key: str) -> bool | None:
@@ -455,6 +521,11 @@ def _contradictions(s: Settings) -> list[str]:
             f"metric; make {setting_name('checkpoint', 'save_strategy')} and "
             f"{setting_name('checkpoint', 'eval_strategy')} equal"
         )
+    if tr.bf16 is True and tr.fp16 is True:
+        out.append(
+            f"bf16=true and fp16=true: a run trains in one precision; set {setting_name('train', 'fp16')} "
+            f"or {setting_name('train', 'bf16')} to false (or auto)"
+        )
     if tr.max_steps > 0 and tr.logging_steps > tr.max_steps:
         out.append(
             f"logging_steps={tr.logging_steps} is more than max_steps={tr.max_steps}, so no training loss would "
@@ -474,7 +545,7 @@ def env_var_for(loc: tuple[Any, ...]) -> str:
 Origins = Callable[[tuple[str, ...]], "str | None"]
 # Settings whose values are never echoed in messages (a URL may carry a password).
 _SECRET_SETTINGS = {(name,) for name in SECRET_FIELDS}
-_MENTIONED_KEY = re.compile(r"`([a-z_]+(?:\.[a-z_]+)?)`")
+_MENTIONED_KEY = re.compile(r"`([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?)`")
 
 
 def describe_validation_error(exc: ValidationError, origins: Origins | None = None) -> str:
@@ -591,6 +662,9 @@ def settings_from_json(config: dict[str, Any]) -> Settings:
 
     Raises ConfigError when a recorded config no longer passes today's validation.
     """
+    train = config.get("train")
+    if isinstance(train, dict):  # recorded before a precision switch existed: it was off
+        config = {**config, "train": {"bf16": _RECORDED_SWITCH_DEFAULT, "fp16": _RECORDED_SWITCH_DEFAULT, **train}}
     try:
         return Settings.model_validate(config)
     except ValidationError as exc:

@@ -23,7 +23,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ckptflow import faults
 from ckptflow.errors import InsufficientDiskError
-from ckptflow.logline import StepRate, format_log_line
+from ckptflow.logline import STEP_LINE, StepRate, format_log_line, is_step_line
+from ckptflow.precision import check_supported
 from ckptflow.settings import Settings, report_to_list
 
 # Margin kept free on disk when min_free_bytes is not set.
@@ -195,6 +196,8 @@ class CommitCallback(TrainerCallback):
 class LogCallback(TrainerCallback):
     """HF's logs as one readable line each (ckptflow.logline) in ckptflow's logger, instead of print() of a dict.
 
+    One line per logging step: only the main process logs (HF calls on_log on every DDP rank).
+    Training step lines carry `logline.STEP_LINE`, so the Prefect layer can batch them (tasks/step_lines.py).
     Full-precision values stay in trainer_state.json, the ledger and --json outputs.
     """
 
@@ -207,10 +210,10 @@ class LogCallback(TrainerCallback):
         return control
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw: Any):
-        if logs:
+        if logs and state.is_world_process_zero:
             line = format_log_line(state.global_step, state.max_steps, logs, self.rate.rate())
             if line is not None:
-                self.logger.info("%s", line)
+                self.logger.info("%s", line, extra={STEP_LINE: is_step_line(line)})
         return control
 
 
@@ -251,6 +254,8 @@ def sft_config(spec: TrainerSpec):
 
     s = spec.settings
     ck = s.checkpoint
+    precision = s.train.precision  # `auto` resolved as the run's fingerprint has it, never left to TRL
+    check_supported(precision)
     return SFTConfig(
         output_dir=str(spec.output_dir),
         max_steps=spec.total_steps,
@@ -272,8 +277,8 @@ def sft_config(spec: TrainerSpec):
         disable_tqdm=True,
         gradient_checkpointing=s.train.gradient_checkpointing,
         ddp_timeout=s.train.ddp_timeout_seconds,  # bounds a collective that waits for a hung rank
-        bf16=s.train.bf16,
-        fp16=False,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         use_cpu=not _cuda_available(),
         dataloader_num_workers=0,
     )

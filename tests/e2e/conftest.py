@@ -111,11 +111,12 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
 
 
 @contextlib.contextmanager
-def start_stack(root: Path, *, auth_string: str | None = None) -> Iterator[Stack]:
+def start_stack(root: Path, *, auth_string: str | None = None, worker_args: tuple[str, ...] = ()) -> Iterator[Stack]:
     """Server (bound to 127.0.0.1 on a free port), pool and deployments (deploy.sh), and a worker under `root`.
 
     With `auth_string` ("user:password") the server requires it (PREFECT_SERVER_API_AUTH_STRING) and
-    every client here — deploy.sh, the worker, `stack.env` — sends it (PREFECT_API_AUTH_STRING)."""
+    every client here — deploy.sh, the worker, `stack.env` — sends it (PREFECT_API_AUTH_STRING).
+    `worker_args` are added to `prefect worker start` (e.g. `--limit 2`)."""
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = _clean_env(root / "prefect-home", api_url)
@@ -141,7 +142,7 @@ def start_stack(root: Path, *, auth_string: str | None = None) -> Iterator[Stack
         assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
         stack.deploy_output = deployed.stdout + deployed.stderr
         worker_env = {**env, "CKPTFLOW_HOME": str(home)}
-        worker = [str(BIN / "prefect"), "worker", "start", "--pool", POOL]
+        worker = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, *worker_args]
         procs.append(start_process(worker, worker_env, root / "worker.log"))
         yield stack
     finally:

@@ -24,8 +24,10 @@ SCRIPTS = {
     "bench_resume.py": ("resume", "Start → first resumed step"),
     "bench_overhead.py": ("overhead", "Where the time went"),
     "bench_remote.py": ("remote", "ratio = throughput / local copy throughput"),
+    "bench_cli.py": ("cli", "ratios against `ckptflow --help`"),
+    "bench_logging.py": ("logging", "Per logged step"),
 }
-SLOW = {"bench_stall.py", "bench_resume.py", "bench_overhead.py", "bench_remote.py"}
+SLOW = {"bench_stall.py", "bench_resume.py", "bench_overhead.py", "bench_remote.py", "bench_cli.py", "bench_logging.py"}
 
 
 def _run(args: list[str], results: Path, timeout: float) -> subprocess.CompletedProcess:

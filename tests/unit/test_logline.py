@@ -44,3 +44,40 @@ def test_step_rate_counts_this_process_only():
     assert rate.observe(50) is None  # a resumed chunk's first step: no rate yet
     assert rate.observe(51) == pytest.approx(2.0)
     assert rate.observe(53) == pytest.approx(3 / 1.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "step_line"),
+    [
+        (format_log_line(3, 4, TRAIN_LOG, 2.0), True),
+        (format_log_line(3, 4, {}, None), True),  # a step with nothing to show is still the per-step stream
+        (format_log_line(4, 4, {"eval_loss": 6.9, "eval_runtime": 0.6}, None), False),
+        ("2026-11-29 15:18:02,611 rank0 ckptflow.chunks: " + format_log_line(3, 4, TRAIN_LOG, None), True),  # relayed
+        ("committed checkpoint-10 (139987 bytes, eval_loss=6.92844)", False),
+        ("pruned checkpoint-20: not among the 2 best by eval_loss", False),
+    ],
+    ids=["train", "bare-step", "eval", "relayed-from-child", "commit", "prune"],
+)
+def test_is_step_line(text, step_line):
+    from ckptflow.logline import is_step_line
+
+    assert is_step_line(text) is step_line
+
+
+@pytest.mark.parametrize(("main_process", "lines"), [(True, 1), (False, 0)], ids=["rank0", "other-rank"])
+def test_log_callback_logs_once_per_logging_step_on_the_main_process_only(main_process, lines, caplog):
+    """HF calls on_log on every DDP rank: one line per logging step, not one per rank; step lines are marked."""
+    import logging
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ckptflow.logline import STEP_LINE
+    from ckptflow.training import LogCallback
+
+    logger = logging.getLogger("ckptflow.test-logcallback")
+    state = TrainerState(global_step=3, max_steps=4, is_world_process_zero=main_process)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        LogCallback(logger).on_log(TrainingArguments(output_dir="unused", report_to="none"), state, TrainerControl(), logs=TRAIN_LOG)
+    records = [r for r in caplog.records if r.name == logger.name]
+    assert len(records) == lines
+    assert all(getattr(r, STEP_LINE) is True and r.getMessage().startswith("step 3/4") for r in records)

@@ -25,7 +25,7 @@ _RECORDED = {
 @pytest.mark.parametrize("case", list(_RECORDED))
 def test_single_process_runs_keep_their_recorded_fingerprint(case, train):
     overrides, recorded = _RECORDED[case]
-    merged = {**overrides, "train": {**overrides.get("train", {}), **train}}
+    merged = {**overrides, "train": {"bf16": False, **overrides.get("train", {}), **train}}  # recorded in fp32
     assert Settings(**merged).training_fingerprint() == recorded
 
 
@@ -36,7 +36,7 @@ def test_single_process_runs_keep_their_recorded_fingerprint(case, train):
         ({"launcher": "torchrun", "nproc_per_node": 2}, {"launcher": "torchrun", "nproc_per_node": 3}, False),
         ({"launcher": "torchrun", "nproc_per_node": 2}, {"launcher": "inprocess", "nproc_per_node": 2}, False),
         ({"gradient_checkpointing": True}, {}, False),
-        ({"bf16": True}, {}, False),
+        ({"bf16": True}, {"bf16": False}, False),
     ],
 )
 def test_world_size_and_gradient_checkpointing_enter_the_fingerprint(a, b, same):

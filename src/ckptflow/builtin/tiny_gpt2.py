@@ -50,9 +50,7 @@ def tokenizer_corpus() -> list[str]:
 
 
 def _recipe(overrides: dict[str, Any]) -> dict[str, Any]:
-    import tokenizers
-    import torch
-    import transformers
+    from importlib.metadata import version  # not `import torch`: finding a built model must stay cheap
 
     corpus_sha = hashlib.sha256("\n".join(tokenizer_corpus()).encode()).hexdigest()
     return {
@@ -63,7 +61,7 @@ def _recipe(overrides: dict[str, Any]) -> dict[str, Any]:
         "init_seed": INIT_SEED,
         "corpus_sha256": corpus_sha,
         # Library versions change init / serialization; a new version gets a fresh build.
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        "versions": {name: version(name) for name in ("torch", "transformers", "tokenizers")},
     }
 
 

@@ -574,6 +574,25 @@ class Ledger:
             run.updated_at = utcnow()
 
     @_retried_on_disconnect
+    def reopen_run(self, run_id: int) -> RunRecord:
+        """Mark a `failed` run `running` again, in one statement; returns the run as it is now.
+
+        Reopening takes no lease, so it must never undo a concurrent writer's last word: a
+        duplicate submission that read "running" just before the holder finished would
+        otherwise set the completed run back to running, and train it a second time. A run
+        that is running (trained by another process, perhaps) is left untouched.
+        """
+        settled = (RunStatus.COMPLETED.value, RunStatus.RUNNING.value)
+        with self._write.begin() as s:
+            s.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status.not_in(settled))
+                .values(status=RunStatus.RUNNING.value, updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+            return _run_record(self._run(s, run_id))
+
+    @_retried_on_disconnect
     def update_run_metrics(self, run_id: int, metrics: dict[str, Any], *, fence: Fence | None = None) -> RunRecord:
         """Shallow-merge `metrics` into the run's metrics; returns the updated run."""
         with self._write.begin() as s:
