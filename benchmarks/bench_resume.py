@@ -13,6 +13,11 @@ its first resumed step (step 101):
 ckptflow's processes stop via fault injection (`raise` at step 101, no retries), so every
 repeat resumes from the same checkpoint. Each latency is split into exclusive buckets up to
 the first resumed step.
+
+Then the cost of one more chunk (a planned resume inside a run, issue 13): for each launcher,
+the same run (same steps, same saves) as one chunk and as many chunks; per extra chunk =
+wall difference / extra chunks, against the targets ≤ 0.15 s in-process and ≤ 0.6 s with
+launcher=subprocess.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import _common as C  # noqa: E402
 
 DRIVER = C.BENCH_DIR / "_drive.py"
 RUN = "resume"
+# Issue 13's targets: seconds one more chunk may add to a run, by launcher.
+CHUNK_TARGETS = {"inprocess": 0.15, "subprocess": 0.6}
 
 
 def main() -> None:
@@ -80,9 +87,49 @@ def main() -> None:
         finally:
             if server is not None:
                 server.__exit__(None, None, None)
+        chunk_runs = measure_chunks(work, home, quick)
     print_tables(report, results, resume_step)
-    report.data.update(total_steps=total, save_steps=save, crash_at=crash_at, resume_step=resume_step, runs=results)
+    print_chunk_table(report, chunk_runs)
+    report.data.update(total_steps=total, save_steps=save, crash_at=crash_at, resume_step=resume_step, runs=results,
+                       chunk_runs=chunk_runs)  # fmt: skip
     report.save()
+
+
+def measure_chunks(work: Path, home: Path, quick: bool) -> dict[str, dict]:
+    """Per launcher: walls of one run as 1 chunk and as N chunks (same steps and saves), each repeated; no Prefect."""
+    total, save = (8, 2) if quick else (48, 6)
+    repeat = 1 if quick else 3
+    out: dict[str, dict] = {}
+    for launcher in CHUNK_TARGETS:
+        walls: dict[int, list[float]] = {}
+        for i in range(repeat):
+            for chunk_steps in (total, save):  # interleaved: load drifts affect both alike
+                name = f"chunks-{launcher}-{chunk_steps}-{i}"
+                env = C.ckptflow_env(home, total_steps=total, save_steps=save, chunk_steps=chunk_steps, launcher=launcher)
+                print(f"[resume] {launcher}, chunk_steps={chunk_steps} #{i + 1} ...", flush=True)
+                p = C.run_probed(name, [C.PYTHON, str(DRIVER), name], env, cwd=work)
+                walls.setdefault(total // chunk_steps, []).append(p.wall)
+        one, many = min(walls), max(walls)
+        per = (statistics.median(walls[many]) - statistics.median(walls[one])) / (many - one)
+        out[launcher] = {"total_steps": total, "save_steps": save, "walls": walls, "per_extra_chunk": per,
+                         "target": CHUNK_TARGETS[launcher]}  # fmt: skip
+    return out
+
+
+def print_chunk_table(report: C.Report, chunk_runs: dict[str, dict]) -> None:
+    rows = []
+    for launcher, r in chunk_runs.items():
+        one, many = min(r["walls"]), max(r["walls"])
+        per, target = r["per_extra_chunk"], r["target"]
+        rows.append([launcher, statistics.median(r["walls"][one]), f"{many} chunks", statistics.median(r["walls"][many]),
+                     per, f"≤ {target:.2f}", C.ratio(per, target), "yes" if per <= target else "NO"])  # fmt: skip
+    first = next(iter(chunk_runs.values()))
+    report.table(
+        f"Per extra chunk, seconds ({first['total_steps']} steps, save every {first['save_steps']}; library, no Prefect; "
+        f"median of {len(first['walls'][min(first['walls'])])})",
+        ["launcher", "1 chunk wall", "split into", "wall", "per extra chunk", "target", "ratio to target", "within"],
+        rows,
+    )
 
 
 def measure(p: C.Proc, resume_step: int) -> dict:
