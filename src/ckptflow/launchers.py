@@ -1,8 +1,10 @@
-"""Where a chunk attempt trains: this process, a child process, or torchrun.
+"""Where a chunk attempt trains: this process, the run's child process, or torchrun.
 
 The child launchers turn a crash of the training process (non-zero exit, a signal such
 as SIGKILL from the OOM killer) into an exception in the parent, which survives it; the
-caller (a Prefect task with retries) then retries, resuming from the ledger.
+caller (a Prefect task with retries) then retries, resuming from the ledger. With
+launcher=subprocess one child serves all chunks of a run (run_child.py); torchrun starts
+per chunk.
 """
 
 from __future__ import annotations
