@@ -116,8 +116,8 @@ def measure_chunks(work: Path, home: Path, quick: bool) -> dict[str, dict]:
         for i in range(repeat):
             for chunk_steps in (total, save):  # interleaved: load drifts affect both alike
                 name = f"chunks-{launcher}-{chunk_steps}-{i}"
-                env = C.ckptflow_env(home, total_steps=total, save_steps=save, chunk_steps=chunk_steps, launcher=launcher,
-                                     OMP_NUM_THREADS="1")  # fmt: skip
+                env = C.ckptflow_env(home, total_steps=total, save_steps=save, chunk_steps=chunk_steps,
+                                     launcher=launcher, OMP_NUM_THREADS="1")  # fmt: skip
                 print(f"[resume] {launcher}, chunk_steps={chunk_steps} #{i + 1} ...", flush=True)
                 p = C.run_probed(name, [C.PYTHON, str(DRIVER), name], env, cwd=work)
                 chunks = total // chunk_steps

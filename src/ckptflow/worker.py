@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     install_redaction()  # the ledger URL arrives in the environment (ChunkJob.child_env)
     if args.serve:
         return serve(sys.stdin)
-    return _train(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))  # ledger URL: env
+    job = ChunkJob.from_json(args.job.read_text())  # the ledger URL comes from the environment
+    return _train(job, AttemptPlan.from_json(args.plan.read_text()))
 
 
 def serve(requests: TextIO) -> int:

@@ -1,4 +1,4 @@
-"""Warm chunks: a run's chunks share one process (in-process) or one child (launcher=subprocess) and stay bit-identical."""
+"""Warm chunks: a run's chunks share one process (in process) or one child (launcher=subprocess), bit-identically."""
 
 from __future__ import annotations
 
