@@ -158,6 +158,10 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def launch_inprocess(job: ChunkJob, plan: AttemptPlan) -> None:
     train_attempt(job, plan)
+    if plan.total_steps is not None and job.end_step >= plan.total_steps:  # the run's last chunk
+        from ckptflow import warm
+
+        warm.release()
 
 
 def launch_subprocess(job: ChunkJob, plan: AttemptPlan) -> None:

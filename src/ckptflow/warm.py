@@ -18,7 +18,8 @@ accelerate runs at the start of every `trainer.train()` (`free_memory`): it walk
 object of the process (torch, transformers, TRL, Prefect: ~500k objects, 0.1-0.4 s). After
 the first chunk has loaded everything, one collection and `gc.freeze()` move those long-lived
 objects out of the collector's way; objects created later are still collected as before, and
-the run's last chunk unfreezes them (`gc.unfreeze()`), so nothing stays exempt for good.
+they are unfrozen (`gc.unfreeze()`) after the run's last chunk or when the next run starts, so
+nothing stays exempt for good.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def chunk_inputs(settings: Settings, key: str, *, keep: bool) -> ChunkInputs:
             _release_locked()
             shared = _load(settings, key)
         if not keep:
-            _release_locked()
+            _shared = None  # objects stay frozen through this chunk's train(): see release()
         else:
             _shared = shared
             if not warm:  # before this chunk's model and trainer exist: they must stay collectable
@@ -97,7 +98,11 @@ def chunk_inputs(settings: Settings, key: str, *, keep: bool) -> ChunkInputs:
 
 
 def release() -> None:
-    """Drop what the chunks of the current run share and give the collector its objects back."""
+    """Drop what the chunks of the current run share and give the collector its objects back.
+
+    The in-process launcher calls it after a run's last chunk; otherwise the next run's first
+    chunk does it (so the last chunk's `train()` still starts with a cheap collection).
+    """
     with _lock:
         _release_locked()
 

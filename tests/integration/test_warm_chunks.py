@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import threading
@@ -10,7 +11,7 @@ import psutil
 import pytest
 from ckptflow import run_child, warm
 from ckptflow.chunks import train_attempt
-from ckptflow.launchers import launch_subprocess
+from ckptflow.launchers import launch_inprocess, launch_subprocess
 from ckptflow.ledger import AttemptStatus, Ledger
 
 from tests.drills import final_diff
@@ -30,7 +31,7 @@ def test_warm_chunks_are_bit_identical_to_cold_chunks_and_to_one_chunk(home):
 
     def warm_launch(job, plan):
         warm_before.append(warm._shared is not None)  # the previous chunk left tokenizer and data loaded
-        train_attempt(job, plan)
+        launch_inprocess(job, plan)
 
     def cold_launch(job, plan):
         warm.release()  # every chunk loads everything, as before warm chunks
@@ -40,7 +41,7 @@ def test_warm_chunks_are_bit_identical_to_cold_chunks_and_to_one_chunk(home):
     split = settings_for(home, train={"max_steps": 6, "chunk_steps": 2})
     train_without_prefect(one, "one")
     train_without_prefect(split, "warm", launch=warm_launch)
-    assert warm._shared is None  # the run's last chunk let go of it
+    assert warm._shared is None and gc.get_freeze_count() == 0  # the run's last chunk let go of everything
     train_without_prefect(split, "cold", launch=cold_launch)
 
     assert warm_before == [False, True, True]
