@@ -13,6 +13,11 @@ its first resumed step (step 101):
 ckptflow's processes stop via fault injection (`raise` at step 101, no retries), so every
 repeat resumes from the same checkpoint. Each latency is split into exclusive buckets up to
 the first resumed step.
+
+Then the cost of one more chunk (a planned resume inside a run, issue 13): for each launcher,
+the same run (same steps, same saves) as one chunk and as many chunks; per extra chunk =
+wall difference / extra chunks, against the targets ≤ 0.15 s in-process and ≤ 0.6 s with
+launcher=subprocess.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import _common as C  # noqa: E402
 
 DRIVER = C.BENCH_DIR / "_drive.py"
 RUN = "resume"
+# Issue 13's targets: seconds one more chunk may add to a run, by launcher.
+CHUNK_TARGETS = {"inprocess": 0.15, "subprocess": 0.6}
 
 
 def main() -> None:
@@ -80,9 +87,84 @@ def main() -> None:
         finally:
             if server is not None:
                 server.__exit__(None, None, None)
+        chunk_runs = measure_chunks(work, home, quick)
     print_tables(report, results, resume_step)
-    report.data.update(total_steps=total, save_steps=save, crash_at=crash_at, resume_step=resume_step, runs=results)
+    print_chunk_table(report, chunk_runs)
+    report.data.update(total_steps=total, save_steps=save, crash_at=crash_at, resume_step=resume_step, runs=results,
+                       chunk_runs=chunk_runs)  # fmt: skip
     report.save()
+
+
+def measure_chunks(work: Path, home: Path, quick: bool) -> dict[str, dict]:
+    """Per launcher: one run as 1 chunk and as N chunks (same steps and saves), each repeated; no Prefect.
+
+    Three estimates of what one more chunk costs: the wall difference / extra chunks (the
+    definition; on a busy machine other processes' load and the steps' own noise swamp it);
+    the CPU-time difference / extra chunks (one torch thread, so CPU time is what the work
+    costs, whatever else runs); and the pause at each chunk boundary — end of step k·C to end
+    of step k·C + 1, which holds that step, its save and eval, and (split run only) the chunk
+    restart — minus the same pause in the one-chunk run.
+    """
+    total, save = (8, 2) if quick else (48, 6)
+    repeat = 1 if quick else 3
+    boundaries = list(range(save, total, save))
+    out: dict[str, dict] = {}
+    for launcher in CHUNK_TARGETS:
+        walls: dict[int, list[float]] = {}
+        cpus: dict[int, list[float]] = {}
+        pauses: dict[int, list[float]] = {}
+        for i in range(repeat):
+            for chunk_steps in (total, save):  # interleaved: load drifts affect both alike
+                name = f"chunks-{launcher}-{chunk_steps}-{i}"
+                env = C.ckptflow_env(home, total_steps=total, save_steps=save, chunk_steps=chunk_steps,
+                                     launcher=launcher, OMP_NUM_THREADS="1")  # fmt: skip
+                print(f"[resume] {launcher}, chunk_steps={chunk_steps} #{i + 1} ...", flush=True)
+                p = C.run_probed(name, [C.PYTHON, str(DRIVER), name], env, cwd=work)
+                chunks = total // chunk_steps
+                walls.setdefault(chunks, []).append(p.wall)
+                cpus.setdefault(chunks, []).append(p.cpu)
+                pauses.setdefault(chunks, []).extend(_boundary_pauses(p, boundaries))
+        one, many = min(walls), max(walls)
+        extra = many - one
+        out[launcher] = {
+            "total_steps": total, "save_steps": save, "chunks": many, "walls": walls, "cpus": cpus, "pauses": pauses,
+            "per_extra_chunk_wall": (statistics.median(walls[many]) - statistics.median(walls[one])) / extra,
+            "per_extra_chunk_cpu": (statistics.median(cpus[many]) - statistics.median(cpus[one])) / extra,
+            "per_extra_chunk_pause": statistics.median(pauses[many]) - statistics.median(pauses[one]),
+            "target": CHUNK_TARGETS[launcher],
+        }  # fmt: skip
+    return out
+
+
+def _boundary_pauses(p: C.Proc, boundaries: list[int]) -> list[float]:
+    """Seconds from the end of step b to the end of step b + 1, for each chunk boundary b."""
+    at = {step: t for t, step in p.steps()}
+    missing = [b for b in boundaries if b not in at or b + 1 not in at]
+    if missing:
+        raise RuntimeError(f"{p.label}: no step timestamps around steps {missing}")
+    return [at[b + 1] - at[b] for b in boundaries]
+
+
+def print_chunk_table(report: C.Report, chunk_runs: dict[str, dict]) -> None:
+    rows = []
+    for launcher, r in chunk_runs.items():
+        one, many, target = min(r["walls"]), max(r["walls"]), r["target"]
+        estimates = [r["per_extra_chunk_wall"], r["per_extra_chunk_cpu"], r["per_extra_chunk_pause"]]
+        rows.append([launcher, statistics.median(r["walls"][one]), statistics.median(r["walls"][many]), *estimates,
+                     f"≤ {target:.2f}", " / ".join(C.ratio(e, target) for e in estimates),
+                     " / ".join("yes" if e <= target else "NO" for e in estimates)])  # fmt: skip
+    first = next(iter(chunk_runs.values()))
+    report.table(
+        f"Per extra chunk, seconds ({first['total_steps']} steps, save every {first['save_steps']}, 1 chunk vs "
+        f"{first['chunks']}; library, no Prefect, one torch thread; median of {len(first['walls'][1])} runs)",
+        ["launcher", "1 chunk wall", f"{first['chunks']} chunks wall", "per extra chunk: wall", "CPU", "boundary pause",
+         "target", "ratio to target (wall / CPU / pause)", "within"],
+        rows,
+    )  # fmt: skip
+    report.note("- per extra chunk: wall = wall difference / extra chunks (issue 13's definition); CPU = the same with "
+                "CPU time of the process and its children (robust to other load); boundary pause = median pause from "
+                "the end of a chunk's last step to the end of the next step, minus the same step's pause in the "
+                "one-chunk run.")
 
 
 def measure(p: C.Proc, resume_step: int) -> dict:

@@ -390,17 +390,20 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTTrainer
 
-    from ckptflow.modeling import load_base_model, lora_config
-    from ckptflow.pipeline import load_inputs
+    from ckptflow.modeling import lora_config
+    from ckptflow.warm import chunk_inputs, warm_key
 
-    resolved, tokenizer, data = load_inputs(settings)
+    # Tokenizer and data stay loaded for the run's next chunk in this process (not under torchrun).
+    keep = job.end_step < total_steps and distributed.world_size() == 1
+    inputs = chunk_inputs(settings, warm_key(settings, job.ledger_url, job.run_name), keep=keep)
+    tokenizer, data = inputs.tokenizer, inputs.data
     spec = TrainerSpec(settings.checkpoints_dir(job.run_name), total_steps, settings)
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(job.run_name) / TENSORBOARD_DIR)
     schedule = schedule_for(settings, total_steps=total_steps, train_rows=data.train_rows)  # as `ckptflow plan`
     callbacks, background = make_callbacks(schedule)
     trainer = SFTTrainer(
-        model=load_base_model(resolved),
+        model=inputs.model,
         args=sft_config(spec),
         train_dataset=data.train,
         eval_dataset=data.eval if settings.checkpoint.evaluates else None,

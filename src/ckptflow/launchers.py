@@ -1,8 +1,10 @@
-"""Where a chunk attempt trains: this process, a child process, or torchrun.
+"""Where a chunk attempt trains: this process, the run's child process, or torchrun.
 
 The child launchers turn a crash of the training process (non-zero exit, a signal such
 as SIGKILL from the OOM killer) into an exception in the parent, which survives it; the
-caller (a Prefect task with retries) then retries, resuming from the ledger.
+caller (a Prefect task with retries) then retries, resuming from the ledger. With
+launcher=subprocess one child serves all chunks of a run (run_child.py); torchrun starts
+per chunk.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ CHILD_ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 # Lines of a failed child's output quoted in the error.
-_TAIL_LINES = 20
+_TAIL_LINES = 40  # torchrun's own failure summary is ~20 lines: keep the rank's last words too
 # How gloo / nccl report a collective that waited past the process group's timeout.
 _COLLECTIVE_TIMEOUT = re.compile(r"timed out waiting|collective operation timeout|timeout\(ms\)=", re.IGNORECASE)
 
@@ -72,6 +74,11 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def child_env(job: ChunkJob) -> dict[str, str]:
+    """The environment of a training process: ours, offline and quiet by default, the job's ledger URL, our pid."""
+    return {**CHILD_ENV_DEFAULTS, **os.environ, **job.child_env(), PARENT_PID_ENV: str(os.getpid())}
+
+
 def _worker_command(job_file: Path, plan_file: Path) -> list[str]:
     return [sys.executable, "-m", "ckptflow.worker", "--job", str(job_file), "--plan", str(plan_file)]
 
@@ -88,24 +95,29 @@ def _run_child(command: list[str], job: ChunkJob, plan: AttemptPlan) -> None:
         plan_file.write_text(plan.to_json())
         command = [arg.replace("{job}", str(job_file)).replace("{plan}", str(plan_file)) for arg in command]
         # The child dies with us (worker.py sets PDEATHSIG): no orphan keeps writing after `kill -9` of the flow.
-        env = {**CHILD_ENV_DEFAULTS, **os.environ, **job.child_env(), PARENT_PID_ENV: str(os.getpid())}
+        env = child_env(job)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
         try:
-            tail, timed_out = _stream(proc, job.chunk)
+            tail, timed_out, _ = _stream(proc, job.chunk)
             code = proc.wait()
         except BaseException:
             _kill(proc)  # we raise (Ctrl-C, a Prefect cancel, a bug): the child must not train on unobserved
             raise
     if code != 0:
-        reported = _child_error(code, tail)
-        if reported is not None:
-            raise reported
-        raise ChunkProcessError(
-            f"chunk {job.chunk} training process (pid {proc.pid}) {_describe_exit(code)}"
-            + _timeout_hint(job, timed_out)
-            + "; last output:\n"
-            + "\n".join(tail)
-        )
+        raise _failure(job, proc.pid, code, tail, timed_out)
+
+
+def _failure(job: ChunkJob, pid: int, code: int, tail: list[str], timed_out: str | None) -> CkptflowError:
+    """The exception of a training process that exited with `code` (≠ 0) after printing `tail`."""
+    reported = _child_error(code, tail)
+    if reported is not None:
+        return reported
+    return ChunkProcessError(
+        f"chunk {job.chunk} training process (pid {pid}) {_describe_exit(code)}"
+        + _timeout_hint(job, timed_out)
+        + "; last output:\n"
+        + "\n".join(tail)
+    )
 
 
 def _timeout_hint(job: ChunkJob, timed_out: str | None) -> str:
@@ -118,18 +130,23 @@ def _timeout_hint(job: ChunkJob, timed_out: str | None) -> str:
     )
 
 
-def _stream(proc: subprocess.Popen, chunk: int) -> tuple[list[str], str | None]:
-    """Log the child's output as it comes; returns its last lines and the first collective-timeout line, if any."""
+def _stream(proc: subprocess.Popen, chunk: int, until: str | None = None) -> tuple[list[str], str | None, bool]:
+    """Log the child's output as it comes, to its end or to the line `until` (not logged).
+
+    Returns the last lines, the first collective-timeout line if any, and whether `until` came.
+    """
     assert proc.stdout is not None
     tail: list[str] = []
     timed_out = None
     for line in proc.stdout:
         line = line.rstrip()
+        if until is not None and line == until:
+            return tail, timed_out, True
         tail = (tail + [line])[-_TAIL_LINES:]
         if timed_out is None and _COLLECTIVE_TIMEOUT.search(line):
             timed_out = line
         log.info("[chunk %d] %s", chunk, line, extra={STEP_LINE: is_step_line(line)})  # step lines: batched for Prefect
-    return tail, timed_out
+    return tail, timed_out, False
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -142,10 +159,17 @@ def _kill(proc: subprocess.Popen) -> None:
 
 def launch_inprocess(job: ChunkJob, plan: AttemptPlan) -> None:
     train_attempt(job, plan)
+    if plan.total_steps is not None and job.end_step >= plan.total_steps:  # the run's last chunk
+        from ckptflow import warm
+
+        warm.release()
 
 
 def launch_subprocess(job: ChunkJob, plan: AttemptPlan) -> None:
-    _run_child(_worker_command(Path("{job}"), Path("{plan}")), job, plan)
+    """Train in the run's child process: started by the run's first chunk (or after a crash), kept warm for the next."""
+    from ckptflow.run_child import train_in_run_child
+
+    train_in_run_child(job, plan)
 
 
 def launch_torchrun(job: ChunkJob, plan: AttemptPlan) -> None:

@@ -2,6 +2,11 @@
 
 Failures the parent must not retry blindly end with a distinct exit code and, as the last
 line of output, `ckptflow-error: {"type": ..., "message": ...}` (see launchers.py).
+
+With `--serve` (launcher=subprocess, see run_child.py) the worker trains one attempt per line
+of its stdin (`{"job": ..., "plan": ..., "seq": n}`), printing `ckptflow-chunk-done: n` after
+each success, until stdin closes; the first failure ends the process as above, so the next
+attempt gets a fresh one.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from ckptflow.chunks import AttemptPlan, ChunkJob, train_attempt
 from ckptflow.errors import BadInputError, InsufficientDiskError
@@ -27,6 +33,10 @@ ERROR_LINE_PREFIX = "ckptflow-error: "
 PARENT_PID_ENV = "CKPTFLOW_LAUNCHER_PID"
 # First argument that makes this module exec torchrun's agent instead of training (see exec_torchrun).
 TORCHRUN_AGENT_ARG = "torchrun-agent"
+# Argument that makes the worker train the attempts sent on its stdin (see serve).
+SERVE_ARG = "--serve"
+# Prefix of the line that says an attempt sent to a serving worker succeeded (followed by its seq).
+CHUNK_DONE_PREFIX = "ckptflow-chunk-done: "
 # Linux prctl option: deliver a signal to this process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 
@@ -72,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == [TORCHRUN_AGENT_ARG]:
         exec_torchrun(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ckptflow.worker")
-    parser.add_argument("--job", type=Path, required=True)
-    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument(SERVE_ARG, action="store_true", help="train the attempts sent on stdin, one JSON line each")
+    parser.add_argument("--job", type=Path)
+    parser.add_argument("--plan", type=Path)
     args = parser.parse_args(argv)
+    if not args.serve and (args.job is None or args.plan is None):
+        parser.error(f"give --job and --plan, or {SERVE_ARG}")
     if not _die_with_parent():
         print("the launching process is gone; not training", file=sys.stderr)
         return 1
@@ -83,8 +96,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     quiet_libraries()
     install_redaction()  # the ledger URL arrives in the environment (ChunkJob.child_env)
+    if args.serve:
+        return serve(sys.stdin)
+    job = ChunkJob.from_json(args.job.read_text())  # the ledger URL comes from the environment
+    return _train(job, AttemptPlan.from_json(args.plan.read_text()))
+
+
+def serve(requests: TextIO) -> int:
+    """Train each attempt sent as a line of `requests` in this process; the exit code of the first failure, else 0.
+
+    Between attempts the process stays warm: imports, and the run's tokenizer and data (warm.py).
+    """
+    for line in requests:
+        request = json.loads(line)
+        code = _train(ChunkJob.from_json(request["job"]), AttemptPlan.from_json(request["plan"]))
+        if code != 0:
+            return code
+        sys.stderr.flush()
+        print(f"{CHUNK_DONE_PREFIX}{request['seq']}", flush=True)
+    return 0
+
+
+def _train(job: ChunkJob, plan: AttemptPlan) -> int:
+    """Train one attempt; the exit code for a failure the parent must not retry (others raise)."""
     try:
-        train_attempt(ChunkJob.from_json(args.job.read_text()), AttemptPlan.from_json(args.plan.read_text()))  # ledger URL: env
+        train_attempt(job, plan)
     except InsufficientDiskError as exc:
         _report(exc)
         return EXIT_DISK_FULL
