@@ -103,7 +103,8 @@ def test_batching_applies_to_ckptflows_api_handler_while_a_chunk_runs_and_is_rem
         with batched_step_lines(RUN_IDS) as batchers:
             for step in (1, 2, 3):
                 child.info("step %d/3 (x%%)", step, extra={STEP_LINE: True})
-            assert handler.sent == [] and len(batchers) == 1
+            # Only ours is asserted: an earlier test may have left Prefect's own API handler on the logger.
+            assert handler.sent == [] and len([b for b in batchers if b in handler.filters]) == 1
         assert [r.getMessage() for r in handler.sent] == ["step 1/3 (x%)\nstep 2/3 (x%)\nstep 3/3 (x%)"]
         assert handler.filters == []
         child.info("step %d/3 (x%%)", 4, extra={STEP_LINE: True})  # after the chunk: as before, one record each
