@@ -94,13 +94,11 @@ def batched_step_lines(run_ids: tuple[str | None, str | None]) -> Iterator[list[
     interval = max(0.1, float(PREFECT_LOGGING_TO_API_BATCH_INTERVAL.value()))
     handlers = [h for h in logging.getLogger(CKPTFLOW_LOGGER).handlers if isinstance(h, APILogHandler)]
     batchers = [StepLineBatcher(h, interval, run_ids) for h in handlers]
-    for handler, batcher in zip(handlers, batchers):
-        handler.addFilter(batcher)
     try:
-        yield batchers
+        with _filtering(handlers, batchers):
+            yield batchers
     finally:
-        for handler, batcher in zip(handlers, batchers):
-            handler.removeFilter(batcher)
+        for batcher in batchers:  # after the filters are off: a line logged meanwhile goes straight through
             batcher.flush()
 
 
@@ -129,10 +127,17 @@ def plain_console_step_lines() -> Iterator[list[PlainConsoleStepLines]]:
         if isinstance(h, PrefectConsoleHandler) and h.lock is not None and not h.console.is_terminal
     ]  # fmt: skip
     filters = [PlainConsoleStepLines(h) for h in handlers]
-    for handler, plain in zip(handlers, filters):
-        handler.addFilter(plain)
-    try:
+    with _filtering(handlers, filters):
         yield filters
+
+
+@contextmanager
+def _filtering(handlers: list[logging.Handler], filters: list[logging.Filter]) -> Iterator[None]:
+    """Each handler carries its filter for the duration of the block."""
+    for handler, each in zip(handlers, filters):
+        handler.addFilter(each)
+    try:
+        yield
     finally:
-        for handler, plain in zip(handlers, filters):
-            handler.removeFilter(plain)
+        for handler, each in zip(handlers, filters):
+            handler.removeFilter(each)
