@@ -141,8 +141,8 @@ def test_flow_run_page_checkpoint_table_and_loss_curve_render(server, drill_run,
 
 
 def test_progress_advances_within_a_chunk(server, tmp_path):
-    """One 12-step chunk saving every 2 steps: the progress artifact shows several values below 100% while the
-    chunk trains (a drill pause at step 7 holds the chunk open), then 100%."""
+    """One 12-step chunk saving every 2 steps: while a drill pause holds the chunk open at step 7, the progress
+    artifact shows step 6's 50% (the latest save, within the chunk), then 100%."""
     import threading
     import time
 
@@ -187,5 +187,7 @@ def test_progress_advances_within_a_chunk(server, tmp_path):
         watcher.join(timeout=10)
     assert proc.returncode == 0, proc.stderr[-3000:]
     within_chunk = [v for v in seen if 0 < v < 100]
-    assert len(within_chunk) >= 2, f"progress values seen: {seen}"
+    # While the chunk holds still after step 7, the artifact shows the latest save's step (6 of 12): it follows
+    # every save, not chunk ends. Values before and after the pause pass faster than the poll and may be missed.
+    assert 50.0 in within_chunk, f"progress values seen: {seen}"
     assert within_chunk == sorted(within_chunk) and seen[-1] == 100.0, seen
