@@ -19,6 +19,8 @@ from pathlib import Path
 
 
 # --precision → HF's switches; "default" passes neither, so SFTConfig decides (bf16 = not fp16).
+# --gradient-checkpointing → HF's switch; "default" leaves SFTConfig's (on, in TRL 1.x).
+GRADIENT_CHECKPOINTING_ARGS = {"default": {}, "on": {"gradient_checkpointing": True}, "off": {"gradient_checkpointing": False}}
 PRECISION_ARGS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True}, "fp16": {"fp16": True}}
 
 
@@ -38,6 +40,8 @@ def main() -> None:
     p.add_argument("--logging-steps", type=int, default=1, help="log every N steps (ckptflow's default is 1)")
     p.add_argument("--resume-from", default=None, help="checkpoint directory to resume from (explicit path)")
     p.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps in this process")
+    p.add_argument("--gradient-checkpointing", choices=["default", "on", "off"], default="off",
+                   help="off (default): like ckptflow's default; TRL's SFTConfig turns it on (memory for ~1/3 more compute)")  # fmt: skip
     p.add_argument("--precision", choices=["default", *PRECISION_ARGS], default="default",
                    help="default: TRL's choice (no bf16/fp16 argument); else pin HF's bf16/fp16 switches")  # fmt: skip
     args = p.parse_args()
@@ -86,6 +90,7 @@ def main() -> None:
         use_cpu=True,
         dataloader_num_workers=0,
         **PRECISION_ARGS.get(args.precision, {}),
+        **GRADIENT_CHECKPOINTING_ARGS[args.gradient_checkpointing],
     )
     print(f"precision: {'bf16' if config.bf16 else 'fp16' if config.fp16 else 'fp32'}", flush=True)
     trainer = SFTTrainer(
