@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.helpers: settings and adapter weights, as the DDP tests use
 import _common as C  # noqa: E402
 
 GLOBAL_BATCH = 8
