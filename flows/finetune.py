@@ -22,7 +22,8 @@ from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_
 from tasks.live import LiveSummary, live_updates
 from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
 
-# State name of a duplicate submission's flow run: the run's lease holder trains it (a Completed type).
+# State name (a Completed type) of a flow run that had nothing to do: a duplicate submission (the lease holder
+# trains the run) or a retrain without new data.
 SKIPPED = "Skipped"
 
 

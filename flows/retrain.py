@@ -13,7 +13,7 @@ from ckptflow import promotion
 from ckptflow.params import FinetuneOverrides
 from ckptflow.quiet import quiet_libraries
 from ckptflow.secrets import install_redaction
-from flows.finetune import finetune, resolve_settings
+from flows.finetune import SKIPPED, finetune, resolve_settings
 from tasks.pipeline import prepare_data
 from tasks.promotion import find_champion, judge_challenger, prune_exports, record_decision
 from tasks.reporting import publish_decision, publish_quietly
@@ -45,7 +45,7 @@ def retrain(
     skip = promotion.decide_skip(prepared.data_fingerprint, champion, force=force)
     if skip is not None:
         record = record_decision(settings, promotion.skip_record(skip, champion, prepared.data_fingerprint, margin))
-        return _finish(record, logger, name="Skipped")
+        return _finish(record, logger, name=SKIPPED)
     challenger = promotion.challenger_name(datetime.now(UTC))
     trained = finetune.with_options(flow_run_name=f"finetune {challenger}")(
         run_name=challenger, new=True, config_file=config_file, overrides=overrides
