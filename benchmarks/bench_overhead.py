@@ -5,7 +5,7 @@ Variants (each a real process; wall time from this parent, spans from the probe)
   a        bare TRL SFTTrainer script at TRL's defaults, HF checkpointing (save_steps,
            save_total_limit)                                                           [baseline]
   b        `ckptflow run`, in-process launcher, Prefect temporary server (no PREFECT_API_URL)
-  b-srv    the same against an already running `prefect server start` on 127.0.0.1
+  b-srv    the same against an already running `prefect server start` on 127.0.0.1 (b-long-srv: the long run)
   c        launcher=subprocess (each chunk trains in a child process), running server
   d-N      chunk_steps=N, running server (N = total: one chunk; N = save_steps: many chunks)
   *-fp32   the bare script and ckptflow both pinned to fp32 (a matched precision other than the default)
@@ -14,8 +14,11 @@ Every run's precision is read back from the run itself (the bare script prints i
 ledger records it), and every ckptflow run gets two ratios: against the bare script at TRL's
 defaults (what a user compares with) and against the bare script at the same precision.
 
-A long pair (a-long, b-long: a few minutes of training) gives the headline ratio; the other
-variants run a shorter workload against their own bare baseline `a`. Every ckptflow run is
+The long runs (a-long, b-long-srv, b-long: a few minutes of training each) give the headline
+ratios; the other variants run a shorter workload against their own bare baseline `a`. Two runs
+of the same command differ by up to ~10% in step time on this machine (per process: the same
+settings, the same steps), so the headline pairs run more than once, interleaved (a, b, a, b, ...),
+and each reports the run of median wall time, with every run's wall beside it. Every ckptflow run is
 split into exclusive buckets (imports, Prefect startup, per-chunk model reload, manifest
 hashing, ledger calls, ...) that add up to its wall time.
 """
@@ -45,6 +48,7 @@ class Variant:
     server: str = "temp"  # "temp" (temporary server) or "running"
     baseline: str = "a"  # the bare run at TRL's defaults of the same length
     precision: str = "default"  # default (TRL's / ckptflow's auto) or pinned: fp32, bf16, fp16
+    repeat: int = 1  # runs of this variant, interleaved with the other repeated variants of its group
 
 
 def variants(quick: bool) -> list[Variant]:
@@ -59,11 +63,13 @@ def variants(quick: bool) -> list[Variant]:
     long_t, long_s = 4000, 100
     t, s = 400, 50
     return [
-        Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long"),
+        Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long", repeat=2),
+        Variant("b-long-srv", "ckptflow run, running Prefect server", "ckptflow", long_t, long_s, server="running",
+                baseline="a-long", repeat=2),  # fmt: skip
         Variant("b-long", "ckptflow run, temporary Prefect server", "ckptflow", long_t, long_s, baseline="a-long"),
-        Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s),
+        Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s, repeat=3),
         Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
-        Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running"),
+        Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running", repeat=3),
         Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
         Variant("b-srv-fp32", "ckptflow run pinned fp32, running server", "ckptflow", t, s, server="running",
                 precision="fp32"),  # fmt: skip
@@ -73,17 +79,33 @@ def variants(quick: bool) -> list[Variant]:
     ]
 
 
-def run_variant(v: Variant, work: Path, home: Path, model: Path, data: Path, prefect_home: Path,
+def run_order(todo: list[Variant]) -> list[tuple[Variant, int]]:
+    """(variant, round) in run order: within a baseline group the repeated variants first, interleaved
+    round by round (a slow drift of the machine falls on both sides alike), then the others once."""
+    order = []
+    for group in _groups(todo):
+        repeated = [v for v in group if v.repeat > 1]
+        for r in range(max((v.repeat for v in repeated), default=0)):
+            order += [(v, r) for v in repeated if r < v.repeat]
+        order += [(v, 0) for v in group if v.repeat == 1]
+    return order
+
+
+def run_name(v: Variant, round_: int) -> str:
+    return f"bench-{v.key}" + (f"-{round_ + 1}" if round_ else "")
+
+
+def run_variant(v: Variant, round_: int, work: Path, home: Path, model: Path, data: Path, prefect_home: Path,
                 server: C.PrefectServer | None) -> C.Proc:  # fmt: skip
     if v.kind == "bare":
-        out = work / f"bare-{v.key}"
+        out = work / run_name(v, round_).replace("bench-", "bare-")
         return C.run_probed(v.key, C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps,
                                                precision=v.precision), C.base_env(home), cwd=work)  # fmt: skip
     extra = {"PREFECT_API_URL": server.url} if v.server == "running" and server else {}
     extra.update(PRECISION_ENV[v.precision])
     env = C.ckptflow_env(home, total_steps=v.total_steps, save_steps=v.save_steps, chunk_steps=v.chunk_steps,
                          launcher=v.launcher, prefect_home=prefect_home, **extra)  # fmt: skip
-    return C.run_probed(v.key, [C.CKPTFLOW, "run", "--run-name", f"bench-{v.key}"], env, cwd=work)
+    return C.run_probed(v.key, [C.CKPTFLOW, "run", "--run-name", run_name(v, round_)], env, cwd=work)
 
 
 # A pinned precision as ckptflow settings (`default` leaves both switches at auto).
@@ -95,12 +117,12 @@ PRECISION_ENV = {
 }
 
 
-def trained_precision(v: Variant, p: C.Proc, home: Path) -> str:
+def trained_precision(v: Variant, round_: int, p: C.Proc, home: Path) -> str:
     """The precision the run really trained in: the bare script prints it, ckptflow's ledger records it."""
     if v.kind == "bare":
         return next(line.split(":", 1)[1].strip() for line in p.stdout.splitlines() if line.startswith("precision:"))
     with sqlite3.connect(home / "ledger.db") as db:
-        (config,) = db.execute("SELECT config FROM runs WHERE name = ?", (f"bench-{v.key}",)).fetchone()
+        (config,) = db.execute("SELECT config FROM runs WHERE name = ?", (run_name(v, round_),)).fetchone()
     train = json.loads(config)["settings"]["train"]
     return "bf16" if train.get("bf16") is True else "fp16" if train.get("fp16") is True else "fp32"
 
@@ -127,11 +149,11 @@ def per_train_call(p: C.Proc) -> list[dict]:
     return out
 
 
-def summarize(v: Variant, p: C.Proc, home: Path) -> dict:
+def summarize(v: Variant, round_: int, p: C.Proc, home: Path) -> dict:
     parts = C.breakdown(p)
     steps = C.step_intervals(p)
     return {
-        "precision": trained_precision(v, p, home),
+        "precision": trained_precision(v, round_, p, home),
         "train_calls": per_train_call(p),
         "variant": v.__dict__,
         "chunks": p.count("chunks.run_chunk") or 1,
@@ -150,28 +172,39 @@ def summarize(v: Variant, p: C.Proc, home: Path) -> dict:
     }
 
 
+def median_run(done: list[dict]) -> dict:
+    """The run of median wall time (of an even count, the faster middle one), with every run's wall."""
+    walls = [r["wall"] for r in done]
+    chosen = next(r for r in done if r["wall"] == statistics.median_low(walls))
+    return {**chosen, "walls": walls}
+
+
 def main() -> None:
     args = C.parser(__doc__.splitlines()[0]).parse_args()
     report = C.Report("overhead", "1. Orchestration overhead: bare SFTTrainer vs `ckptflow run`", args.quick)
     todo = variants(args.quick)
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     with C.Workdir(args, "overhead") as work:
         home, model, data = C.prepare_workload(work)
         prefect_home = work / "prefect-home"
         report.data["prefect_db_init_seconds"] = C.warm_prefect_home(prefect_home)
         server = None
         server_ctx = None
-        for v in todo:
-            if v.server == "running" and v.kind == "ckptflow" and server is None:
-                server_ctx = C.PrefectServer(prefect_home, work / "prefect-server.log")
-                server = server_ctx.__enter__()
-                report.data["running_server_startup_seconds"] = server.startup_seconds
-            print(f"[overhead] {v.key}: {v.what} ({v.total_steps} steps, save every {v.save_steps}) ...", flush=True)
-            p = run_variant(v, work, home, model, data, prefect_home, server)
-            results[v.key] = summarize(v, p, home)
-            print(f"[overhead] {v.key}: wall {p.wall:.1f}s, cpu {p.cpu:.1f}s, {results[v.key]['precision']}", flush=True)
+        # Started before the first run, so every run (bare ones too) sees the same machine: the running-server
+        # variants then measure what ckptflow's use of the server costs, not a server idling on the same cores.
+        if any(v.server == "running" and v.kind == "ckptflow" for v in todo):
+            server_ctx = C.PrefectServer(prefect_home, work / "prefect-server.log")
+            server = server_ctx.__enter__()
+            report.data["running_server_startup_seconds"] = server.startup_seconds
+        for v, round_ in run_order(todo):
+            label = f"{v.key} (run {round_ + 1} of {v.repeat})" if v.repeat > 1 else v.key
+            print(f"[overhead] {label}: {v.what} ({v.total_steps} steps, save every {v.save_steps}) ...", flush=True)
+            p = run_variant(v, round_, work, home, model, data, prefect_home, server)
+            runs.setdefault(v.key, []).append(summarize(v, round_, p, home))
+            print(f"[overhead] {label}: wall {p.wall:.1f}s, cpu {p.cpu:.1f}s, {runs[v.key][-1]['precision']}", flush=True)
         if server_ctx is not None:
             server_ctx.__exit__(None, None, None)
+    results = {key: median_run(done) for key, done in runs.items()}
     report.data["runs"] = results
     print_tables(report, todo, results)
     report.save()
@@ -184,14 +217,15 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
         var_r = (r["wall"] - r["fixed"]) / (base["wall"] - base["fixed"]) if base["wall"] > base["fixed"] else None
         matched = _matched_bare(v, todo, results)
         rows.append([
-            v.key, v.what, r["precision"], v.total_steps, r["chunks"], r["wall"], r["cpu"], r["first_step_at"],
+            v.key, v.what, r["precision"], v.total_steps, r["chunks"], r["wall"],
+            " / ".join(f"{w:.1f}" for w in r["walls"]) if len(r["walls"]) > 1 else "", r["cpu"], r["first_step_at"],
             r["fixed"], C.ratio(r["wall"], base["wall"]), f"{var_r:.2f}×" if var_r else "—",
             f"{C.ratio(r['wall'], results[matched]['wall'])} ({matched})" if matched else "—",
             C.ratio(r["cpu"], base["cpu"]), r["step_median_ms"], r["load"],
         ])  # fmt: skip
     report.table(
         "Runs (seconds; ratios against the bare run of the same length at TRL's defaults, and at the same precision)",
-        ["run", "what", "precision", "steps", "chunks", "wall", "CPU", "1st step at", "fixed costs",
+        ["run", "what", "precision", "steps", "chunks", "wall", "every run's wall", "CPU", "1st step at", "fixed costs",
          "wall ratio vs TRL defaults", "ratio excl. fixed", "wall ratio, same precision", "CPU ratio",
          "median step ms", "load"],
         rows,
@@ -243,14 +277,15 @@ def _derived(todo: list[Variant], results: dict[str, dict]) -> list[str]:
     """Marginal costs from pairs of runs that differ in one thing."""
     by = {v.key: v for v in todo}
     out = []
-    longs = [v for v in todo if v.key == "b-long"]
-    if longs and "a-long" in results:
-        a, b = results["a-long"], results["b-long"]
+    for key in ("b-long-srv", "b-long"):
+        if key not in results or "a-long" not in results:
+            continue
+        a, b = results["a-long"], results[key]
         var = (b["wall"] - b["fixed"]) / (a["wall"] - a["fixed"])
         for minutes in (10, 60):
             t = minutes * 60
             out.append(
-                f"extrapolated to a {minutes}-minute bare run (same per-step/per-save ratio, same fixed costs): "
+                f"{key}, extrapolated to a {minutes}-minute bare run (same per-step/per-save ratio, same fixed costs): "
                 f"{(var * (t - a['fixed']) + b['fixed']) / t:.3f}×"
             )
     ds = sorted((v for v in todo if v.key.startswith("d-")), key=lambda v: results[v.key]["chunks"])
