@@ -46,6 +46,10 @@ out = Console(soft_wrap=not sys.stdout.isatty())
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
+# Set once a command starts training (the flow is called): main() then ends the process with
+# fast_exit.exit_now, skipping seconds of interpreter teardown. Answers that train nothing exit normally.
+_trained = False
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run name, as `ckptflow runs` lists it.")]
@@ -187,6 +191,7 @@ def run(
     for warning in plan_for_settings(settings).warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     err.print("ckptflow run: starting Prefect and the finetune flow …", highlight=False)
+    _training_starts()
     from flows.finetune import finetune
 
     try:
@@ -198,6 +203,11 @@ def run(
         err.print("run it again to resume from the last committed checkpoint", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     _report_run(result, as_json)
+
+
+def _training_starts() -> None:
+    global _trained
+    _trained = True
 
 
 def _report_run(result: dict[str, Any], as_json: bool) -> None:
@@ -462,6 +472,7 @@ def retrain(
     quiet_libraries()
     preflight.check_model(settings)
     err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
+    _training_starts()
     from flows.retrain import retrain as retrain_flow
 
     state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
@@ -541,7 +552,14 @@ def main() -> None:
     from ckptflow.secrets import install_redaction
 
     install_redaction()  # credentials in the environment (ledger URL, cloud keys) never reach a log line
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if not _trained:
+            raise
+        from ckptflow.fast_exit import exit_now
+
+        exit_now(exc.code)
 
 
 if __name__ == "__main__":
