@@ -49,6 +49,7 @@ EXIT_BAD_INPUT = 2
 # Set once a command starts training (the flow is called): main() then ends the process with
 # fast_exit.exit_now, skipping seconds of interpreter teardown. Answers that train nothing exit normally.
 _trained = False
+_server = None  # the temporary Prefect server _training_starts() started (flows/temporary_server.py)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
@@ -194,6 +195,7 @@ def run(
     _training_starts()
     from flows.finetune import finetune
 
+    _server_ready()
     try:
         result = finetune(run_name=run_name, new=new, config_file=str(config) if config else None)
     except (BadInputError, CkptflowError):
@@ -206,8 +208,22 @@ def run(
 
 
 def _training_starts() -> None:
-    global _trained
+    """From here on the command trains: start Prefect's temporary server (if no API URL is set) to boot meanwhile."""
+    global _trained, _server
     _trained = True
+    from flows.temporary_server import start
+
+    _server = start()
+
+
+def _server_ready() -> None:
+    """Before the flow's first API call: the temporary server answers (what training imports, imported meanwhile)."""
+    if _server is None:
+        return
+    from ckptflow.preload import import_training_modules
+
+    import_training_modules()  # while the server boots in its own process
+    _server.wait()
 
 
 def _report_run(result: dict[str, Any], as_json: bool) -> None:
@@ -475,6 +491,7 @@ def retrain(
     _training_starts()
     from flows.retrain import retrain as retrain_flow
 
+    _server_ready()
     state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
     if not state.is_completed():
         raise CkptflowError(f"retrain ended {state.name}: {state.message or ''}".strip())
