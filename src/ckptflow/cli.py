@@ -186,6 +186,7 @@ def run(
     if completed is not None:
         _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
         return
+    _prewarm_server()
     preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
@@ -205,6 +206,13 @@ def run(
         err.print("run it again to resume from the last committed checkpoint", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     _report_run(result, as_json)
+
+
+def _prewarm_server() -> None:
+    """Let Prefect's temporary server import itself in another process while the model is checked (no Prefect here yet)."""
+    from flows.temporary_server import prewarm
+
+    prewarm()
 
 
 def _training_starts() -> None:
@@ -486,6 +494,7 @@ def retrain(
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
+    _prewarm_server()
     preflight.check_model(settings)
     err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
     _training_starts()
