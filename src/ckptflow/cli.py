@@ -46,9 +46,9 @@ out = Console(soft_wrap=not sys.stdout.isatty())
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
-# Set once a command starts training (the flow is called): main() then ends the process with
-# fast_exit.exit_now, skipping seconds of interpreter teardown. Answers that train nothing exit normally.
-_trained = False
+# Set once a command has loaded the training stack for work of its own (training, an export): main() then
+# ends the process with fast_exit.exit_now, skipping seconds of interpreter teardown. Answers exit normally.
+_exit_fast = False
 _server = None  # the temporary Prefect server _training_starts() started (flows/temporary_server.py)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
@@ -217,8 +217,8 @@ def _prewarm_server() -> None:
 
 def _training_starts() -> None:
     """From here on the command trains: start Prefect's temporary server (if no API URL is set) to boot meanwhile."""
-    global _trained, _server
-    _trained = True
+    global _exit_fast, _server
+    _exit_fast = True
     from flows.temporary_server import start
 
     _server = start()
@@ -451,6 +451,8 @@ def export(
 
     settings = _settings(config)
     export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
+    global _exit_fast
+    _exit_fast = True  # loads torch and the model: skip their teardown at exit
     from ckptflow.lease import lease_holder_id
     from ckptflow.pipeline import export_run, run_lease
     from ckptflow.quiet import quiet_libraries
@@ -581,7 +583,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        if not _trained:
+        if not _exit_fast:
             raise
         from ckptflow.fast_exit import exit_now
 

@@ -105,3 +105,13 @@ def test_an_answer_without_training_exits_normally(completed_home, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["already_completed"] is True
     assert (marks / "finalized").is_file()
+
+
+def test_an_export_ends_without_teardown(completed_home, tmp_path):
+    """`export` loads torch and the model too: exit 0, the whole JSON document, a model on disk, no teardown."""
+    proc, marks = _run(["export", "base", "--out", str(tmp_path / "out"), "--json"], tmp_path, {"PREFECT_HOME": str(tmp_path / "ph")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(json.loads(proc.stdout)["path"], "config.json").is_file()
+    assert (marks / "atexit-last").is_file() and not (marks / "finalized").exists()
+    proc, marks = _run(["export", "base", "--step", "99"], tmp_path / "marks", {"PREFECT_HOME": str(tmp_path / "ph")})
+    assert proc.returncode == 2 and "no committed checkpoint at step 99" in proc.stderr, proc.stderr[-3000:]
