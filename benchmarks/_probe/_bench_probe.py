@@ -208,6 +208,11 @@ def _patch_server(m):
     _patch(m.SubprocessASGIServer, "stop", lambda f: _span_wrapper(f, "prefect.server_stop"))
 
 
+def _patch_temporary_server(m):  # `ckptflow run` starts Prefect's temporary server itself (flows/temporary_server.py)
+    _patch(m.TemporaryServer, "wait", lambda f: _span_wrapper(f, "prefect.server_start"))
+    _patch(m.TemporaryServer, "stop", lambda f: _span_wrapper(f, "prefect.server_stop"))
+
+
 def _patch_task(m):
     _patch(m.Task, "__call__", lambda f: _span_wrapper(f, lambda a: f"task:{a[0].name}"))
 
@@ -248,6 +253,7 @@ PATCHES = {
     "ckptflow.chunks": _module_spans(["run_chunk", "begin_attempt", "train_attempt", "end_attempt"], "chunks."),
     "ckptflow.views": _module_spans(["runs_view", "checkpoints_view"], "views."),
     "prefect.server.api.server": _patch_server,
+    "flows.temporary_server": _patch_temporary_server,
     "prefect.tasks": _patch_task,
     "prefect.flows": _patch_flow,
 }

@@ -46,6 +46,11 @@ out = Console(soft_wrap=not sys.stdout.isatty())
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
+# Set once a command has loaded the training stack for work of its own (training, an export): main() then
+# ends the process with fast_exit.exit_now, skipping seconds of interpreter teardown. Answers exit normally.
+_exit_fast = False
+_server = None  # the temporary Prefect server _training_starts() started (flows/temporary_server.py)
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
 RunArg = Annotated[str, typer.Argument(metavar="RUN", help="Run name, as `ckptflow runs` lists it.")]
@@ -181,14 +186,17 @@ def run(
     if completed is not None:
         _report_run({"run": completed, "status": "completed", "already_completed": True}, as_json)
         return
+    _prewarm_server()
     preflight.check_model(settings)  # transformers can build the model, LoRA targets exist
     from ckptflow.planner import plan_for_settings
 
     for warning in plan_for_settings(settings).warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     err.print("ckptflow run: starting Prefect and the finetune flow …", highlight=False)
+    _training_starts()
     from flows.finetune import finetune
 
+    _server_ready()
     try:
         result = finetune(run_name=run_name, new=new, config_file=str(config) if config else None)
     except (BadInputError, CkptflowError):
@@ -198,6 +206,32 @@ def run(
         err.print("run it again to resume from the last committed checkpoint", highlight=False)
         raise typer.Exit(EXIT_FAILED) from None
     _report_run(result, as_json)
+
+
+def _prewarm_server() -> None:
+    """Let Prefect's temporary server import itself in another process while the model is checked (no Prefect here yet)."""
+    from flows.temporary_server import prewarm
+
+    prewarm()
+
+
+def _training_starts() -> None:
+    """From here on the command trains: start Prefect's temporary server (if no API URL is set) to boot meanwhile."""
+    global _exit_fast, _server
+    _exit_fast = True
+    from flows.temporary_server import start
+
+    _server = start()
+
+
+def _server_ready() -> None:
+    """Before the flow's first API call: the temporary server answers (what training imports, imported meanwhile)."""
+    if _server is None:
+        return
+    from ckptflow.preload import import_training_modules
+
+    import_training_modules()  # while the server boots in its own process
+    _server.wait()
 
 
 def _report_run(result: dict[str, Any], as_json: bool) -> None:
@@ -417,6 +451,8 @@ def export(
 
     settings = _settings(config)
     export_target(settings, run_name, out=out_dir, force=force)  # refuse before the ledger or a model is loaded
+    global _exit_fast
+    _exit_fast = True  # loads torch and the model: skip their teardown at exit
     from ckptflow.lease import lease_holder_id
     from ckptflow.pipeline import export_run, run_lease
     from ckptflow.quiet import quiet_libraries
@@ -460,10 +496,13 @@ def retrain(
     from ckptflow.quiet import quiet_libraries
 
     quiet_libraries()
+    _prewarm_server()
     preflight.check_model(settings)
     err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
+    _training_starts()
     from flows.retrain import retrain as retrain_flow
 
+    _server_ready()
     state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
     if not state.is_completed():
         raise CkptflowError(f"retrain ended {state.name}: {state.message or ''}".strip())
@@ -541,7 +580,14 @@ def main() -> None:
     from ckptflow.secrets import install_redaction
 
     install_redaction()  # credentials in the environment (ledger URL, cloud keys) never reach a log line
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if not _exit_fast:
+            raise
+        from ckptflow.fast_exit import exit_now
+
+        exit_now(exc.code)
 
 
 if __name__ == "__main__":

@@ -131,4 +131,6 @@ def _train(job: ChunkJob, plan: AttemptPlan) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from ckptflow.fast_exit import exit_now
+
+    exit_now(main())  # an exception (a crash the parent retries) still ends with the interpreter's traceback and exit 1

@@ -1,0 +1,40 @@
+"""Import what training and the end of a run will need, at a moment the process would otherwise spend waiting.
+
+`ckptflow run` waits for Prefect's temporary server to boot (3-5 s, in another process); the
+modules a chunk imports on its first use (TRL's trainer, transformers' Trainer, accelerate) and
+the loss-curve plot's matplotlib (~1.5 s of CPU) are imported during that wait instead of later
+on the run's critical path. Imports run in the calling thread: two threads importing
+overlapping packages can deadlock on the per-module import locks or see half-initialised
+modules, and the wait leaves this thread idle anyway.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+__all__ = ["TRAINING_MODULES", "import_training_modules"]
+
+log = logging.getLogger(__name__)
+
+# What a run imports only once it trains (ckptflow.training, ckptflow.reports): SFTTrainer pulls in
+# transformers.Trainer and accelerate; the loss curve, matplotlib's figure and Agg canvas (not pyplot,
+# which would choose a backend before reports.py selects Agg).
+TRAINING_MODULES = (
+    "trl.trainer.sft_trainer",
+    "trl.trainer.sft_config",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+)
+
+
+def import_training_modules(modules: tuple[str, ...] = TRAINING_MODULES) -> list[str]:
+    """Import `modules`; the names that failed (the real import, where it is used, raises the error users see)."""
+    failed = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 — a head start only: never a new way for a run to fail
+            log.debug("preload of %s failed: %s", name, exc)
+            failed.append(name)
+    return failed
