@@ -78,11 +78,12 @@ def run_side_by_side(commands: dict[str, list[str]], jobs: int) -> list[str]:
     printing = threading.Lock()
 
     def run(name: str) -> bool:
+        t0 = time.monotonic()
         proc = subprocess.run(commands[name], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        ended = "ok" if proc.returncode == 0 else f"exited {proc.returncode}"
         with printing:  # one benchmark's output stays in one piece
             print(f"\n{header(name)}\n{proc.stdout}", end="", flush=True)
-            if proc.returncode != 0:
-                print(f"[{name}] exited {proc.returncode}", flush=True)
+            print(f"[{name}] {ended} after {time.monotonic() - t0:.0f} s (side by side)", flush=True)
         return proc.returncode == 0
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -7,8 +7,10 @@ results. The training benchmarks start real processes (and Prefect servers), so 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# Seconds the whole quick run may take on a busy 2-core machine (all eight benchmarks, in one fixture).
+QUICK_RUN_TIMEOUT_S = 1500
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(QUICK_RUN_TIMEOUT_S + 300)]
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -33,8 +37,6 @@ SCRIPTS = {
 }
 # Benchmarks run side by side in the smoke run (2 cores: more would only queue).
 JOBS = 2
-# Seconds the whole quick run may take on a busy 2-core machine.
-QUICK_RUN_TIMEOUT_S = 1500
 
 
 @dataclass(frozen=True)
@@ -62,10 +64,26 @@ def _sections(stdout: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory) -> QuickRun:
+    """One `run_all.py --quick --jobs 2` over every script; a timeout ends the benchmarks it started too."""
     results = tmp_path_factory.mktemp("bench") / "results"
-    args = [str(BENCH / "run_all.py"), "--quick", "--jobs", str(JOBS), "--only", *SCRIPTS]
-    proc = _run(args, results, QUICK_RUN_TIMEOUT_S)
-    return QuickRun(proc, results, _sections(proc.stdout))
+    args = [sys.executable, str(BENCH / "run_all.py"), "--quick", "--jobs", str(JOBS), "--only", *SCRIPTS]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTFLOW_")}
+    env["CKPTFLOW_BENCH_RESULTS"] = str(results)
+    with subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:  # fmt: skip
+        try:
+            stdout, stderr = popen.communicate(timeout=QUICK_RUN_TIMEOUT_S)
+        finally:
+            if popen.poll() is None:  # every descendant: Prefect servers run in sessions of their own
+                import psutil
+
+                stray = psutil.Process(popen.pid).children(recursive=True)
+                os.killpg(popen.pid, signal.SIGKILL)
+                for child in stray:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, stderr)
+    return QuickRun(proc, results, _sections(stdout))
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
