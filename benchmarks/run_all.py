@@ -40,8 +40,9 @@ BENCHMARKS = {
     "cli": "bench_cli.py",
     "logging": "bench_logging.py",
 }
-# Side by side, a Prefect temporary server may take longer than Prefect's default 20 s to come up.
-SIDE_BY_SIDE_ENV = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+# Side by side: one torch thread per benchmark (two processes with a thread per core each would
+# oversubscribe the cores and spin), and more time for a Prefect temporary server to come up.
+SIDE_BY_SIDE_ENV = {"OMP_NUM_THREADS": "1", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
 def tree_state() -> str:
