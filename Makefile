@@ -23,19 +23,8 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/ckptflow run
 
-# Tests that only run short CLI processes: no Prefect server, no training race, no timing asserted.
-# `make test` runs them two at a time (pytest-xdist), then every other test one at a time — together
-# exactly the tests of `pytest tests`. Timing-sensitive suites (kill drills, concurrency, leases, DDP,
-# e2e, benchmarks) never share the cores with another test.
-SIDE_BY_SIDE := $(sort $(wildcard tests/integration/test_bad_input_*.py)) \
-	tests/integration/test_cli_bad_input.py tests/integration/test_readonly.py \
-	tests/integration/test_no_server_answers.py tests/unit/test_paths_property.py
-PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
-
 test: $(STAMP)
-	$(PYTEST) -n 2 $(SIDE_BY_SIDE); side=$$?; \
-	$(PYTEST) $(addprefix --ignore=,$(SIDE_BY_SIDE)) tests; rest=$$?; \
-	test $$side -eq 0 && test $$rest -eq 0
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Only `make bench` drops the page cache (cold reads in bench_integrity; needs root); `make test` never does.
 bench: $(STAMP)
