@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.e2e.conftest import BIN, _clean_env, _free_port, _wait_healthy, start_process, stop_process
+from tests.e2e.conftest import BIN, _clean_env, _free_port, _wait_healthy, seed_prefect_home, start_process, stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -76,6 +76,7 @@ def test_no_secret_in_home_export_ledger_prefect_db_or_output(postgres_server, t
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     drill = {"CKPTFLOW_TRAIN__CHUNK_STEPS": "2", "CKPTFLOW_TRAIN__RETRY_DELAY_SECONDS": "0", "CKPTFLOW_FAULT__AT_STEP": "3"}
+    seed_prefect_home(prefect_home)  # a migrated database with no secrets in it: the search covers what the run adds
     server_log = tmp_path / "server.log"
     server = start_process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, server_log)
     printed: list[str] = []

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BIN, REPO, _clean_env, _free_port, _wait_healthy, start_process, stop_process
+from tests.e2e.conftest import (
+    BIN,
+    REPO,
+    _clean_env,
+    _free_port,
+    _wait_healthy,
+    seed_prefect_home,
+    start_process,
+    stop_process,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,6 +64,7 @@ def server(tmp_path_factory) -> Iterator[tuple[str, dict[str, str]]]:
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     env = {**_clean_env(root / "prefect-home", api_url), "PREFECT_UI_API_URL": api_url}
+    seed_prefect_home(root / "prefect-home")
     log = root / "server.log"
     proc = start_process([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
