@@ -3,7 +3,11 @@
 A watcher thread polls the ledger (cheap: one indexed query) for the newest committed
 step. It works the same for every launcher — in-process, a child process, torchrun ranks —
 because it reads what the chunk committed, not the trainer's memory. It runs in a copy of
-the task's context, so the artifacts it publishes belong to the flow run like the others.
+the flow's context, so the artifacts it publishes belong to the flow run like the others.
+
+Every API call for these artifacts is made on the watcher thread, never on the flow's: the
+thread that trains only wakes the watcher at a chunk's end (`LiveUpdates.nudge`) and never
+waits for the Prefect API or for a loss curve to render.
 """
 
 from __future__ import annotations
@@ -24,29 +28,27 @@ log = logging.getLogger(__name__)
 # How often the watcher looks at the ledger (seconds): often enough that a save shows within seconds.
 POLL_SECONDS = 0.5
 # The summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most this often (seconds):
-# the UI grows its curve during a long chunk without a version per save piling up in Prefect's database.
+# the UI grows its curve during a long run without a version per save or chunk piling up in Prefect's database,
+# and the render (~0.1 s of CPU) stays off the cores that train. The flow publishes the final one at the end.
 SUMMARY_MIN_INTERVAL_SECONDS = 30.0
+# How long the flow waits at the end for the watcher's last poll and publish (seconds).
+STOP_TIMEOUT_SECONDS = 30.0
 
 
 class LiveSummary:
     """What a committed save changes in the UI: the progress artifact at once, the summary and its loss
-    curve at most every SUMMARY_MIN_INTERVAL_SECONDS (the flow publishes the final one at the end)."""
+    curve at most every SUMMARY_MIN_INTERVAL_SECONDS. Called from the watcher thread only."""
 
     def __init__(self, settings: Settings, run_name: str, progress: RunProgress, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.run_name, self.progress, self.clock = settings, run_name, progress, clock
         self.summary_at: float | None = None
-        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        self.progress.publish()
 
     def saved(self, step: int) -> None:
         self.progress.reached(step)
         if self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS:
-            self._publish()
-
-    def chunk_ended(self) -> None:
-        self._publish()
-
-    def _publish(self) -> None:
-        with self._lock:  # the watcher thread and the flow may both publish
             self.summary_at = self.clock()
             publish_quietly(publish_run_artifacts.fn, self.settings, self.run_name)
 
@@ -58,43 +60,84 @@ def newest_committed_step(ledger: Ledger, run_name: str) -> int:
     return max((c.step for c in ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])), default=0)
 
 
-class _Watcher(threading.Thread):
-    def __init__(self, settings: Settings, run_name: str, on_new_step: Callable[[int], None], start_step: int) -> None:
+class LiveUpdates(threading.Thread):
+    """The watcher: calls `on_new_step(step)` whenever a newer checkpoint commits (and `on_start()` first)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        run_name: str,
+        on_new_step: Callable[[int], None],
+        start_step: int,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(name=f"ckptflow-live-{run_name}", daemon=True)
-        self.settings, self.run_name, self.on_new_step = settings, run_name, on_new_step
+        self.settings, self.run_name, self.on_new_step, self.on_start = settings, run_name, on_new_step, on_start
         self.last_step = start_step
         self.stopped = threading.Event()
+        self._woken = threading.Event()
         self._context = contextvars.copy_context()
+
+    def nudge(self) -> None:
+        """Poll now instead of at the next interval (a chunk just ended: its last save is committed)."""
+        self._woken.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._woken.set()
 
     def run(self) -> None:
         self._context.run(self._loop)
 
     def _loop(self) -> None:
+        if self.on_start is not None:
+            _quietly(self.on_start, self.run_name)
         ledger = Ledger(self.settings.ledger, home=self.settings.home)
         try:
-            while not self.stopped.wait(POLL_SECONDS):
+            while True:
+                self._woken.wait(POLL_SECONDS)
+                self._woken.clear()
+                stopping = self.stopped.is_set()  # read before the poll: the last poll starts after stop()
                 self.poll(ledger)
-            self.poll(ledger)  # the chunk's final save
+                if stopping:
+                    return
         finally:
             ledger.close()
 
     def poll(self, ledger: Ledger) -> None:
-        try:
+        def check() -> None:
             step = newest_committed_step(ledger, self.run_name)
             if step > self.last_step:
                 self.last_step = step
                 self.on_new_step(step)
-        except Exception as exc:  # noqa: BLE001 - the UI is best effort; training must never fail for it
-            log.warning("could not refresh the UI of run %s: %s", self.run_name, exc)
+
+        _quietly(check, self.run_name)
+
+
+def _quietly(fn: Callable[[], None], run_name: str) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the UI is best effort; training must never fail for it
+        log.warning("could not refresh the UI of run %s: %s", run_name, exc)
 
 
 @contextmanager
-def live_updates(settings: Settings, run_name: str, on_new_step: Callable[[int], None], start_step: int = 0) -> Iterator[None]:
-    """Call `on_new_step(step)` (from a thread, in this task's Prefect context) whenever a newer checkpoint commits."""
-    watcher = _Watcher(settings, run_name, on_new_step, start_step)
+def live_updates(
+    settings: Settings,
+    run_name: str,
+    on_new_step: Callable[[int], None],
+    start_step: int = 0,
+    on_start: Callable[[], None] | None = None,
+) -> Iterator[LiveUpdates]:
+    """Run the watcher for the block (from a thread, in this flow's Prefect context); yields it for `nudge()`.
+
+    On exit it polls once more (the last save) and finishes its publishing before returning, so what the
+    flow publishes afterwards is the newest version.
+    """
+    watcher = LiveUpdates(settings, run_name, on_new_step, start_step, on_start)
     watcher.start()
     try:
-        yield
+        yield watcher
     finally:
-        watcher.stopped.set()
-        watcher.join(timeout=30)
+        watcher.stop()
+        watcher.join(timeout=STOP_TIMEOUT_SECONDS)
