@@ -56,7 +56,7 @@ def train_all_chunks(
         )
         results.append(task(settings, run_name, chunk))
         if live is not None:
-            live.nudge()  # the chunk's last save is committed: the watcher shows it now, on its own thread
+            live.chunk_ended()  # the watcher shows it now, on its own thread: no API call on this one
     return results
 
 
@@ -110,7 +110,7 @@ def _train_evaluate_export(settings: Settings, name: str, total_steps: int, trai
     try:
         done = _steps_done(settings, name)
         summary = LiveSummary(settings, name, RunProgress(name, total_steps, done))
-        with live_updates(settings, name, summary.saved, start_step=done, on_start=summary.started) as live:
+        with live_updates(settings, name, summary, start_step=done) as live:
             result["chunks"] = train_all_chunks(settings, name, total_steps, train_rows, live)
         result["evaluation"] = evaluate(settings, name)
         result["export"] = export_best(settings, name)

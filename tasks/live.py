@@ -6,7 +6,7 @@ because it reads what the chunk committed, not the trainer's memory. It runs in 
 the flow's context, so the artifacts it publishes belong to the flow run like the others.
 
 Every API call for these artifacts is made on the watcher thread, never on the flow's: the
-thread that trains only wakes the watcher at a chunk's end (`LiveUpdates.nudge`) and never
+thread that trains only wakes the watcher at a chunk's end (`LiveUpdates.chunk_ended`) and never
 waits for the Prefect API or for a loss curve to render.
 """
 
@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from ckptflow.ledger import CheckpointState, Ledger
 from ckptflow.settings import Settings
@@ -27,17 +28,27 @@ log = logging.getLogger(__name__)
 
 # How often the watcher looks at the ledger (seconds): often enough that a save shows within seconds.
 POLL_SECONDS = 0.5
-# The summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most this often (seconds):
-# the UI grows its curve during a long run without a version per save or chunk piling up in Prefect's database,
-# and the render (~0.1 s of CPU) stays off the cores that train. The flow publishes the final one at the end.
+# Between chunk ends the summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most
+# this often (seconds): the UI grows its curve during a long chunk without a version per save piling up in
+# Prefect's database. The flow publishes the final one at the end.
 SUMMARY_MIN_INTERVAL_SECONDS = 30.0
 # How long the flow waits at the end for the watcher's last poll and publish (seconds).
 STOP_TIMEOUT_SECONDS = 30.0
 
 
+class LiveView(Protocol):
+    """What the watcher keeps current (called from the watcher thread only)."""
+
+    def started(self) -> None: ...
+
+    def refresh(self, new_step: int | None, chunk_ended: bool) -> None:
+        """`new_step`: a newer committed step, if any; `chunk_ended`: a chunk ended since the last refresh."""
+
+
 class LiveSummary:
-    """What a committed save changes in the UI: the progress artifact at once, the summary and its loss
-    curve at most every SUMMARY_MIN_INTERVAL_SECONDS. Called from the watcher thread only."""
+    """The run's live artifacts: progress at every committed save; the summary and its loss curve at every
+    chunk end, and between chunk ends at the first save, then at most every SUMMARY_MIN_INTERVAL_SECONDS
+    (the flow publishes the final one at the end)."""
 
     def __init__(self, settings: Settings, run_name: str, progress: RunProgress, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.run_name, self.progress, self.clock = settings, run_name, progress, clock
@@ -46,9 +57,11 @@ class LiveSummary:
     def started(self) -> None:
         self.progress.publish()
 
-    def saved(self, step: int) -> None:
-        self.progress.reached(step)
-        if self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS:
+    def refresh(self, new_step: int | None, chunk_ended: bool) -> None:
+        if new_step is not None:
+            self.progress.reached(new_step)
+        due = self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS
+        if chunk_ended or (new_step is not None and due):
             self.summary_at = self.clock()
             publish_quietly(publish_run_artifacts.fn, self.settings, self.run_name)
 
@@ -61,25 +74,20 @@ def newest_committed_step(ledger: Ledger, run_name: str) -> int:
 
 
 class LiveUpdates(threading.Thread):
-    """The watcher: calls `on_new_step(step)` whenever a newer checkpoint commits (and `on_start()` first)."""
+    """The watcher: `view.started()`, then `view.refresh(...)` whenever a newer checkpoint commits or a chunk ends."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        run_name: str,
-        on_new_step: Callable[[int], None],
-        start_step: int,
-        on_start: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings, run_name: str, view: LiveView, start_step: int) -> None:
         super().__init__(name=f"ckptflow-live-{run_name}", daemon=True)
-        self.settings, self.run_name, self.on_new_step, self.on_start = settings, run_name, on_new_step, on_start
+        self.settings, self.run_name, self.view = settings, run_name, view
         self.last_step = start_step
         self.stopped = threading.Event()
         self._woken = threading.Event()
+        self._chunk_ended = False
         self._context = contextvars.copy_context()
 
-    def nudge(self) -> None:
-        """Poll now instead of at the next interval (a chunk just ended: its last save is committed)."""
+    def chunk_ended(self) -> None:
+        """A chunk just ended (its last save is committed): refresh now instead of at the next interval."""
+        self._chunk_ended = True
         self._woken.set()
 
     def stop(self) -> None:
@@ -90,8 +98,7 @@ class LiveUpdates(threading.Thread):
         self._context.run(self._loop)
 
     def _loop(self) -> None:
-        if self.on_start is not None:
-            _quietly(self.on_start, self.run_name)
+        _quietly(self.view.started, self.run_name)
         ledger = Ledger(self.settings.ledger, home=self.settings.home)
         try:
             while True:
@@ -106,10 +113,12 @@ class LiveUpdates(threading.Thread):
 
     def poll(self, ledger: Ledger) -> None:
         def check() -> None:
+            chunk_ended, self._chunk_ended = self._chunk_ended, False
             step = newest_committed_step(ledger, self.run_name)
-            if step > self.last_step:
-                self.last_step = step
-                self.on_new_step(step)
+            new_step = step if step > self.last_step else None
+            self.last_step = max(step, self.last_step)
+            if new_step is not None or chunk_ended:
+                self.view.refresh(new_step, chunk_ended)
 
         _quietly(check, self.run_name)
 
@@ -122,19 +131,13 @@ def _quietly(fn: Callable[[], None], run_name: str) -> None:
 
 
 @contextmanager
-def live_updates(
-    settings: Settings,
-    run_name: str,
-    on_new_step: Callable[[int], None],
-    start_step: int = 0,
-    on_start: Callable[[], None] | None = None,
-) -> Iterator[LiveUpdates]:
-    """Run the watcher for the block (from a thread, in this flow's Prefect context); yields it for `nudge()`.
+def live_updates(settings: Settings, run_name: str, view: LiveView, start_step: int = 0) -> Iterator[LiveUpdates]:
+    """Run the watcher for the block (a thread, in this flow's Prefect context); yields it for `chunk_ended()`.
 
     On exit it polls once more (the last save) and finishes its publishing before returning, so what the
     flow publishes afterwards is the newest version.
     """
-    watcher = LiveUpdates(settings, run_name, on_new_step, start_step, on_start)
+    watcher = LiveUpdates(settings, run_name, view, start_step)
     watcher.start()
     try:
         yield watcher
