@@ -47,7 +47,8 @@ def train_all_chunks(
     settings: Settings, run_name: str, total_steps: int, train_rows: int, live: LiveUpdates | None = None
 ) -> list:
     results = []
-    for chunk in schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks:  # as `ckptflow plan`
+    chunks = schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks  # as `ckptflow plan`
+    for chunk in chunks:
         task = train_chunk.with_options(
             retries=settings.train.retries,
             retry_delay_seconds=settings.train.retry_delay_seconds,
@@ -55,7 +56,7 @@ def train_all_chunks(
             task_run_name=f"train_chunk[{chunk.index}] steps {chunk.start_step}-{chunk.end_step}",
         )
         results.append(task(settings, run_name, chunk))
-        if live is not None:
+        if live is not None and chunk is not chunks[-1]:  # the last one's summary is the flow's final publish
             live.chunk_ended()  # the watcher shows it now, on its own thread: no API call on this one
     return results
 

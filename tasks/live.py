@@ -44,6 +44,9 @@ class LiveView(Protocol):
     def refresh(self, new_step: int | None, chunk_ended: bool) -> None:
         """`new_step`: a newer committed step, if any; `chunk_ended`: a chunk ended since the last refresh."""
 
+    def finished(self, new_step: int | None) -> None:
+        """The last poll, when the block ends (`new_step` as in refresh)."""
+
 
 class LiveSummary:
     """The run's live artifacts: progress at every committed save; the summary and its loss curve at every
@@ -65,6 +68,10 @@ class LiveSummary:
             self.summary_at = self.clock()
             publish_quietly(publish_run_artifacts.fn, self.settings, self.run_name)
 
+    def finished(self, new_step: int | None) -> None:
+        if new_step is not None:  # progress only: the flow publishes the final summary right after
+            self.progress.reached(new_step)
+
 
 def newest_committed_step(ledger: Ledger, run_name: str) -> int:
     run = ledger.get_run(run_name)
@@ -74,7 +81,8 @@ def newest_committed_step(ledger: Ledger, run_name: str) -> int:
 
 
 class LiveUpdates(threading.Thread):
-    """The watcher: `view.started()`, then `view.refresh(...)` whenever a newer checkpoint commits or a chunk ends."""
+    """The watcher: `view.started()`, `view.refresh(...)` whenever a newer checkpoint commits or a chunk ends,
+    and `view.finished(...)` after its last poll."""
 
     def __init__(self, settings: Settings, run_name: str, view: LiveView, start_step: int) -> None:
         super().__init__(name=f"ckptflow-live-{run_name}", daemon=True)
@@ -104,20 +112,22 @@ class LiveUpdates(threading.Thread):
             while True:
                 self._woken.wait(POLL_SECONDS)
                 self._woken.clear()
-                stopping = self.stopped.is_set()  # read before the poll: the last poll starts after stop()
-                self.poll(ledger)
-                if stopping:
+                if self.stopped.is_set():  # read before the poll: the last poll starts after stop()
+                    self.poll(ledger, last=True)
                     return
+                self.poll(ledger)
         finally:
             ledger.close()
 
-    def poll(self, ledger: Ledger) -> None:
+    def poll(self, ledger: Ledger, last: bool = False) -> None:
         def check() -> None:
             chunk_ended, self._chunk_ended = self._chunk_ended, False
             step = newest_committed_step(ledger, self.run_name)
             new_step = step if step > self.last_step else None
             self.last_step = max(step, self.last_step)
-            if new_step is not None or chunk_ended:
+            if last:
+                self.view.finished(new_step)
+            elif new_step is not None or chunk_ended:
                 self.view.refresh(new_step, chunk_ended)
 
         _quietly(check, self.run_name)

@@ -35,6 +35,7 @@ class _View:
 
     def __init__(self, fail_first: bool = False) -> None:
         self.refreshes: list[tuple[int | None, bool]] = []
+        self.finished_at: list[int | None] = []
         self.threads: set[str] = set()
         self.refreshed = threading.Event()
         self.fail_first = fail_first
@@ -49,6 +50,9 @@ class _View:
         if self.fail_first and len(self.refreshes) == 1:
             raise ConnectionError("Prefect API unreachable")
 
+    def finished(self, new_step: int | None) -> None:
+        self.finished_at.append(new_step)
+
 
 def test_a_chunk_end_is_shown_at_once_from_the_watcher_thread(ledger_settings):
     view = _View()
@@ -58,6 +62,7 @@ def test_a_chunk_end_is_shown_at_once_from_the_watcher_thread(ledger_settings):
         assert view.refreshed.wait(30), "a chunk end did not make the watcher look"
         assert view.refreshes == [(2, True)]
     assert view.threads == {f"ckptflow-live-{RUN}"}  # never the caller's thread
+    assert view.finished_at == [None]  # the last poll found nothing newer
 
 
 def test_leaving_the_block_reports_the_last_save_and_never_goes_back(ledger_settings):
@@ -66,7 +71,7 @@ def test_leaving_the_block_reports_the_last_save_and_never_goes_back(ledger_sett
     with live.live_updates(ledger_settings, RUN, view, start_step=2):  # already done: not reported
         _commit(ledger_settings, 4)
         _commit(ledger_settings, 6)
-    assert view.refreshes == [(6, False)]  # the newest committed step, polled after the block ended
+    assert view.refreshes == [] and view.finished_at == [6]  # the newest committed step, polled after the block ended
 
 
 def test_a_failing_refresh_is_logged_and_the_watcher_carries_on(ledger_settings, caplog):
@@ -76,7 +81,18 @@ def test_a_failing_refresh_is_logged_and_the_watcher_carries_on(ledger_settings,
         watcher.chunk_ended()
         assert view.refreshed.wait(30)
         _commit(ledger_settings, 4)
-    assert view.refreshes == [(2, True), (4, False)] and "Prefect API unreachable" in caplog.text
+        watcher.chunk_ended()
+        assert _wait_for(lambda: len(view.refreshes) == 2)
+    assert view.refreshes == [(2, True), (4, True)] and "Prefect API unreachable" in caplog.text
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 class _Progress:
@@ -105,5 +121,6 @@ def test_the_summary_follows_chunk_ends_and_at_most_the_interval_between(home, m
     summary = live.LiveSummary(settings_for(home), RUN, progress, clock=lambda: 100.0)  # time stands still
     for new_step, chunk_ended in refreshes:
         summary.refresh(new_step, chunk_ended)
+    summary.finished(8)  # the last poll moves the progress only: the flow publishes the final summary
     assert len(published) == expected_summaries
-    assert progress.steps == [step for step, _ in refreshes if step is not None]
+    assert progress.steps == [step for step, _ in refreshes if step is not None] + [8]
