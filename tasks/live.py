@@ -91,11 +91,13 @@ class LiveUpdates(threading.Thread):
         self.stopped = threading.Event()
         self._woken = threading.Event()
         self._chunk_ended = False
+        self._flag_lock = threading.Lock()  # the flow thread sets _chunk_ended, this thread takes it
         self._context = contextvars.copy_context()
 
     def chunk_ended(self) -> None:
         """A chunk just ended (its last save is committed): refresh now instead of at the next interval."""
-        self._chunk_ended = True
+        with self._flag_lock:
+            self._chunk_ended = True
         self._woken.set()
 
     def stop(self) -> None:
@@ -121,7 +123,8 @@ class LiveUpdates(threading.Thread):
 
     def poll(self, ledger: Ledger, last: bool = False) -> None:
         def check() -> None:
-            chunk_ended, self._chunk_ended = self._chunk_ended, False
+            with self._flag_lock:
+                chunk_ended, self._chunk_ended = self._chunk_ended, False
             step = newest_committed_step(ledger, self.run_name)
             new_step = step if step > self.last_step else None
             self.last_step = max(step, self.last_step)
