@@ -19,7 +19,7 @@ from ckptflow.quiet import quiet_libraries
 from ckptflow.secrets import install_redaction
 from ckptflow.settings import Settings, load_settings
 from tasks.pipeline import evaluate, export_best, open_run, prepare_data, train_chunk
-from tasks.live import LiveSummary, live_updates
+from tasks.live import LiveSummary, LiveUpdates, live_updates, newest_committed_step
 from tasks.reporting import RunProgress, publish_quietly, publish_run_artifacts
 
 # State name (a Completed type) of a flow run that had nothing to do: a duplicate submission (the lease holder
@@ -44,15 +44,11 @@ def resolve_settings(config_file: str | None, overrides: FinetuneOverrides | dic
 
 
 def train_all_chunks(
-    settings: Settings,
-    run_name: str,
-    total_steps: int,
-    train_rows: int,
-    progress: RunProgress,
-    live: LiveSummary | None = None,
+    settings: Settings, run_name: str, total_steps: int, train_rows: int, live: LiveUpdates | None = None
 ) -> list:
     results = []
-    for chunk in schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks:  # as `ckptflow plan`
+    chunks = schedule_for(settings, total_steps=total_steps, train_rows=train_rows).chunks  # as `ckptflow plan`
+    for chunk in chunks:
         task = train_chunk.with_options(
             retries=settings.train.retries,
             retry_delay_seconds=settings.train.retry_delay_seconds,
@@ -60,19 +56,16 @@ def train_all_chunks(
             task_run_name=f"train_chunk[{chunk.index}] steps {chunk.start_step}-{chunk.end_step}",
         )
         results.append(task(settings, run_name, chunk))
-        progress.reached(chunk.end_step)
-        if live is not None:
-            live.chunk_ended()
+        if live is not None and chunk is not chunks[-1]:  # the last one's summary is the flow's final publish
+            live.chunk_ended()  # the watcher shows it now, on its own thread: no API call on this one
     return results
 
 
 def _steps_done(settings: Settings, run_name: str) -> int:
-    from ckptflow.ledger import CheckpointState, Ledger
+    from ckptflow.ledger import Ledger
 
     with Ledger(settings.ledger, home=settings.home) as ledger:
-        run = ledger.get_run(run_name)
-        steps = [c.step for c in ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])] if run else []
-    return max(steps, default=0)
+        return newest_committed_step(ledger, run_name)
 
 
 @flow(name="finetune")
@@ -117,10 +110,9 @@ def _train_evaluate_export(settings: Settings, name: str, total_steps: int, trai
     result: dict[str, Any] = {"run": name}
     try:
         done = _steps_done(settings, name)
-        progress = RunProgress(name, total_steps, done)
-        live = LiveSummary(settings, name, progress)
-        with live_updates(settings, name, live.saved, start_step=done):
-            result["chunks"] = train_all_chunks(settings, name, total_steps, train_rows, progress, live)
+        summary = LiveSummary(settings, name, RunProgress(name, total_steps, done))
+        with live_updates(settings, name, summary, start_step=done) as live:
+            result["chunks"] = train_all_chunks(settings, name, total_steps, train_rows, live)
         result["evaluation"] = evaluate(settings, name)
         result["export"] = export_best(settings, name)
         pipeline.set_status(settings, name, RunStatus.COMPLETED)

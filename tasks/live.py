@@ -3,7 +3,11 @@
 A watcher thread polls the ledger (cheap: one indexed query) for the newest committed
 step. It works the same for every launcher — in-process, a child process, torchrun ranks —
 because it reads what the chunk committed, not the trainer's memory. It runs in a copy of
-the task's context, so the artifacts it publishes belong to the flow run like the others.
+the flow's context, so the artifacts it publishes belong to the flow run like the others.
+
+Every API call for these artifacts is made on the watcher thread, never on the flow's: the
+thread that trains only wakes the watcher at a chunk's end (`LiveUpdates.chunk_ended`) and never
+waits for the Prefect API or for a loss curve to render.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Protocol
 
 from ckptflow.ledger import CheckpointState, Ledger
 from ckptflow.settings import Settings
@@ -23,32 +28,49 @@ log = logging.getLogger(__name__)
 
 # How often the watcher looks at the ledger (seconds): often enough that a save shows within seconds.
 POLL_SECONDS = 0.5
-# The summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most this often (seconds):
-# the UI grows its curve during a long chunk without a version per save piling up in Prefect's database.
+# Between chunk ends the summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most
+# this often (seconds): the UI grows its curve during a long chunk without a version per save piling up in
+# Prefect's database. The flow publishes the final one at the end.
 SUMMARY_MIN_INTERVAL_SECONDS = 30.0
+# How long the flow waits at the end for the watcher's last poll and publish (seconds).
+STOP_TIMEOUT_SECONDS = 30.0
+
+
+class LiveView(Protocol):
+    """What the watcher keeps current (called from the watcher thread only)."""
+
+    def started(self) -> None: ...
+
+    def refresh(self, new_step: int | None, chunk_ended: bool) -> None:
+        """`new_step`: a newer committed step, if any; `chunk_ended`: a chunk ended since the last refresh."""
+
+    def finished(self, new_step: int | None) -> None:
+        """The last poll, when the block ends (`new_step` as in refresh)."""
 
 
 class LiveSummary:
-    """What a committed save changes in the UI: the progress artifact at once, the summary and its loss
-    curve at most every SUMMARY_MIN_INTERVAL_SECONDS (the flow publishes the final one at the end)."""
+    """The run's live artifacts: progress at every committed save; the summary and its loss curve at every
+    chunk end, and between chunk ends at the first save, then at most every SUMMARY_MIN_INTERVAL_SECONDS
+    (the flow publishes the final one at the end)."""
 
     def __init__(self, settings: Settings, run_name: str, progress: RunProgress, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings, self.run_name, self.progress, self.clock = settings, run_name, progress, clock
         self.summary_at: float | None = None
-        self._lock = threading.Lock()
 
-    def saved(self, step: int) -> None:
-        self.progress.reached(step)
-        if self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS:
-            self._publish()
+    def started(self) -> None:
+        self.progress.publish()
 
-    def chunk_ended(self) -> None:
-        self._publish()
-
-    def _publish(self) -> None:
-        with self._lock:  # the watcher thread and the flow may both publish
+    def refresh(self, new_step: int | None, chunk_ended: bool) -> None:
+        if new_step is not None:
+            self.progress.reached(new_step)
+        due = self.summary_at is None or self.clock() - self.summary_at >= SUMMARY_MIN_INTERVAL_SECONDS
+        if chunk_ended or (new_step is not None and due):
             self.summary_at = self.clock()
             publish_quietly(publish_run_artifacts.fn, self.settings, self.run_name)
+
+    def finished(self, new_step: int | None) -> None:
+        if new_step is not None:  # progress only: the flow publishes the final summary right after
+            self.progress.reached(new_step)
 
 
 def newest_committed_step(ledger: Ledger, run_name: str) -> int:
@@ -58,43 +80,80 @@ def newest_committed_step(ledger: Ledger, run_name: str) -> int:
     return max((c.step for c in ledger.checkpoints(run.id, states=[CheckpointState.COMMITTED])), default=0)
 
 
-class _Watcher(threading.Thread):
-    def __init__(self, settings: Settings, run_name: str, on_new_step: Callable[[int], None], start_step: int) -> None:
+class LiveUpdates(threading.Thread):
+    """The watcher: `view.started()`, `view.refresh(...)` whenever a newer checkpoint commits or a chunk ends,
+    and `view.finished(...)` after its last poll."""
+
+    def __init__(self, settings: Settings, run_name: str, view: LiveView, start_step: int) -> None:
         super().__init__(name=f"ckptflow-live-{run_name}", daemon=True)
-        self.settings, self.run_name, self.on_new_step = settings, run_name, on_new_step
+        self.settings, self.run_name, self.view = settings, run_name, view
         self.last_step = start_step
         self.stopped = threading.Event()
+        self._woken = threading.Event()
+        self._chunk_ended = False
+        self._flag_lock = threading.Lock()  # the flow thread sets _chunk_ended, this thread takes it
         self._context = contextvars.copy_context()
+
+    def chunk_ended(self) -> None:
+        """A chunk just ended (its last save is committed): refresh now instead of at the next interval."""
+        with self._flag_lock:
+            self._chunk_ended = True
+        self._woken.set()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._woken.set()
 
     def run(self) -> None:
         self._context.run(self._loop)
 
     def _loop(self) -> None:
+        _quietly(self.view.started, self.run_name)
         ledger = Ledger(self.settings.ledger, home=self.settings.home)
         try:
-            while not self.stopped.wait(POLL_SECONDS):
+            while True:
+                self._woken.wait(POLL_SECONDS)
+                self._woken.clear()
+                if self.stopped.is_set():  # read before the poll: the last poll starts after stop()
+                    self.poll(ledger, last=True)
+                    return
                 self.poll(ledger)
-            self.poll(ledger)  # the chunk's final save
         finally:
             ledger.close()
 
-    def poll(self, ledger: Ledger) -> None:
-        try:
+    def poll(self, ledger: Ledger, last: bool = False) -> None:
+        def check() -> None:
+            with self._flag_lock:
+                chunk_ended, self._chunk_ended = self._chunk_ended, False
             step = newest_committed_step(ledger, self.run_name)
-            if step > self.last_step:
-                self.last_step = step
-                self.on_new_step(step)
-        except Exception as exc:  # noqa: BLE001 - the UI is best effort; training must never fail for it
-            log.warning("could not refresh the UI of run %s: %s", self.run_name, exc)
+            new_step = step if step > self.last_step else None
+            self.last_step = max(step, self.last_step)
+            if last:
+                self.view.finished(new_step)
+            elif new_step is not None or chunk_ended:
+                self.view.refresh(new_step, chunk_ended)
+
+        _quietly(check, self.run_name)
+
+
+def _quietly(fn: Callable[[], None], run_name: str) -> None:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the UI is best effort; training must never fail for it
+        log.warning("could not refresh the UI of run %s: %s", run_name, exc)
 
 
 @contextmanager
-def live_updates(settings: Settings, run_name: str, on_new_step: Callable[[int], None], start_step: int = 0) -> Iterator[None]:
-    """Call `on_new_step(step)` (from a thread, in this task's Prefect context) whenever a newer checkpoint commits."""
-    watcher = _Watcher(settings, run_name, on_new_step, start_step)
+def live_updates(settings: Settings, run_name: str, view: LiveView, start_step: int = 0) -> Iterator[LiveUpdates]:
+    """Run the watcher for the block (a thread, in this flow's Prefect context); yields it for `chunk_ended()`.
+
+    On exit it polls once more (the last save) and finishes its publishing before returning, so what the
+    flow publishes afterwards is the newest version.
+    """
+    watcher = LiveUpdates(settings, run_name, view, start_step)
     watcher.start()
     try:
-        yield
+        yield watcher
     finally:
-        watcher.stopped.set()
-        watcher.join(timeout=30)
+        watcher.stop()
+        watcher.join(timeout=STOP_TIMEOUT_SECONDS)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, TypeVar
 import threading
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import task
@@ -72,30 +72,49 @@ def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
 
 
 class RunProgress:
-    """A progress artifact for one run (percent of optimizer steps), moved forward at every committed save
-    (tasks/live.py) and chunk end. Never moves back: the watcher thread and the flow may report out of order."""
+    """A progress artifact for one run (percent of optimizer steps), moved forward at every committed save.
+
+    Created on first use, not when constructed: the live watcher (tasks/live.py) publishes it from its
+    thread, so the flow's thread makes no API call for it. Never moves back.
+    """
 
     def __init__(self, run_name: str, total_steps: int, done_steps: int = 0) -> None:
+        self.run_name = run_name
         self.key = reports.artifact_key(run_name, PROGRESS)
         self.total_steps = max(1, total_steps)
         self.done_steps = done_steps
+        self.artifact_id: UUID | None = None
+        self._tried = False  # one creation attempt: an unreachable API warns once, not at every save
         self._lock = threading.Lock()
-        self.artifact_id: UUID | None = publish_quietly(
-            create_progress_artifact,
-            self._percent(done_steps),
-            key=self.key,
-            description=f"Training progress of run {run_name}",
-        )
 
     def _percent(self, step: int) -> float:
         return round(100.0 * min(step, self.total_steps) / self.total_steps, 1)
 
+    def publish(self) -> None:
+        """Create the artifact at the current percent (once; later calls do nothing)."""
+        with self._lock:
+            self._create()
+
+    def _create(self) -> None:
+        if self._tried:
+            return
+        self._tried = True
+        self.artifact_id = publish_quietly(
+            create_progress_artifact,
+            self._percent(self.done_steps),
+            key=self.key,
+            description=f"Training progress of run {self.run_name}",
+        )
+
     def reached(self, step: int) -> None:
         with self._lock:
-            if self.artifact_id is None or step <= self.done_steps:
+            if step <= self.done_steps:
                 return
             self.done_steps = step
-            publish_quietly(update_progress_artifact, self.artifact_id, self._percent(step))
+            if not self._tried:  # created at this step's percent: no update needed
+                self._create()
+            elif self.artifact_id is not None:
+                publish_quietly(update_progress_artifact, self.artifact_id, self._percent(step))
 
 
 def publish_decision(record: DecisionRecord) -> str:

@@ -322,6 +322,7 @@ def _alembic_config() -> Config:
     return cfg
 
 
+@functools.cache  # the migration scripts are files of this package: parsed once per process, not per `Ledger(...)`
 def head_revision() -> str | None:
     """The newest migration shipped with this package."""
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
@@ -373,9 +374,10 @@ def _unavailable_message(ledger: Ledger, call: str, exc: DBAPIError, started: fl
     )
 
 
-def known_revisions() -> set[str]:
+@functools.cache  # like head_revision: fixed for the life of the process
+def known_revisions() -> frozenset[str]:
     """Every migration revision shipped with this package."""
-    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+    return frozenset(rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions())
 
 
 def check_revision(url: str, revision: str | None, *, readonly: bool) -> None:
