@@ -115,7 +115,7 @@ def main() -> int:
     minutes = (time.monotonic() - t0) / 60
     machine = C.machine()
     v = machine["versions"]
-    header = [
+    preamble = [
         f"# ckptflow benchmarks{' (--quick: numbers mean little)' if args.quick else ''}",
         "",
         f"- machine: {machine['cpus']} CPU cores ({machine['cpu_model']}), Linux {machine['kernel']}, "
@@ -127,7 +127,7 @@ def main() -> int:
         f"- workload (1, 2, 5): {C.MODEL} (GPT-2, 4 layers, width 256) + LoRA r=8 on {C.DATA} (512 texts), "
         f"batch {C.BATCH_SIZE}, CPU",
     ]
-    parts = ["\n".join(header)]
+    parts = ["\n".join(preamble)]
     for name in names:
         md = C.RESULTS_DIR / f"{name}.md"
         parts.append(md.read_text() if md.is_file() and name not in failed else f"### {name}: FAILED")
