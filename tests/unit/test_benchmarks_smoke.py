@@ -110,6 +110,15 @@ def test_run_all_writes_a_summary(quick_run):
     assert all(title in summary for title in titles)  # every benchmark's tables, under its own title
 
 
+def test_run_all_one_at_a_time_writes_a_summary(tmp_path):
+    """`make bench`'s way (no --jobs): each benchmark streams its output under its header, then the summary."""
+    proc = _run([str(BENCH / "run_all.py"), "--quick", "--only", "integrity"], tmp_path / "results", 600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "===== integrity (bench_integrity.py) =====" in proc.stdout
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "CPU cores" in summary and "Integrity cost" in summary and "FAILED" not in summary
+
+
 def test_jobs_is_refused_outside_quick_mode(tmp_path):
     """Side by side, benchmarks disturb each other's numbers: only the quick smoke run may do that."""
     proc = _run([str(BENCH / "run_all.py"), "--jobs", "2", "--only", "integrity"], tmp_path / "results", 120)
