@@ -94,6 +94,8 @@ KILL_POINTS: dict[str, KillPoint] = {
         lambda s: s.has_file(4, TRAINER_STATE) and not s.has_manifest(4),
         at_kill=lambda s: s.state(4) == WRITING,
         quarantined=(4,),
+        # The files show before the committer thread has recorded the `writing` row under load: kill in its pause.
+        logged_pause=True,
     ),
     # 6. Manifest renamed into place, ledger row still `writing`: reconcile commits it from the manifest.
     "manifest-before-ledger-commit": KillPoint(
