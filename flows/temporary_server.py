@@ -77,9 +77,10 @@ class TemporaryServer:
         """
         polls = 0
         while polls * _POLL_SECONDS < self.timeout:
-            if self.process.poll() == _PORT_TAKEN:
+            status = self.process.poll()
+            if status == _PORT_TAKEN:
                 self._respawn()
-            elif self.process.poll() is not None:
+            elif status is not None:
                 raise CkptflowError(f"Prefect's temporary server exited with status {self.process.returncode}")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=10) as response:

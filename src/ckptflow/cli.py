@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 # Before Prefect or HF are imported: offline, no analytics, our logs in Prefect's run logs.
 for _key, _value in {
@@ -35,6 +35,9 @@ from ckptflow.errors import BadInputError, CkptflowError
 from ckptflow.paths import validate_run_name
 from ckptflow.settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    from flows.temporary_server import TemporaryServer
+
 # Plain click help: flags show as flags (rich help printed `--json <bool>`), arguments are described.
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="Crash-safe, policy-driven LoRA fine-tuning."
@@ -49,7 +52,6 @@ EXIT_BAD_INPUT = 2
 # Set once a command has loaded the training stack for work of its own (training, an export): main() then
 # ends the process with fast_exit.exit_now, skipping seconds of interpreter teardown. Answers exit normally.
 _exit_fast = False
-_server = None  # the temporary Prefect server _training_starts() started (flows/temporary_server.py)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML settings file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (logs stay on stderr).")]
@@ -193,10 +195,10 @@ def run(
     for warning in plan_for_settings(settings).warnings:
         err.print(f"[yellow]warning:[/] {warning}", highlight=False)
     err.print("ckptflow run: starting Prefect and the finetune flow …", highlight=False)
-    _training_starts()
+    server = _training_starts()
     from flows.finetune import finetune
 
-    _server_ready()
+    _server_ready(server)
     try:
         result = finetune(run_name=run_name, new=new, config_file=str(config) if config else None)
     except (BadInputError, CkptflowError):
@@ -215,23 +217,23 @@ def _prewarm_server() -> None:
     prewarm()
 
 
-def _training_starts() -> None:
-    """From here on the command trains: start Prefect's temporary server (if no API URL is set) to boot meanwhile."""
-    global _exit_fast, _server
+def _training_starts() -> TemporaryServer | None:
+    """From here on the command trains: start Prefect's temporary server (None: an API URL is set) to boot meanwhile."""
+    global _exit_fast
     _exit_fast = True
     from flows.temporary_server import start
 
-    _server = start()
+    return start()
 
 
-def _server_ready() -> None:
+def _server_ready(server: TemporaryServer | None) -> None:
     """Before the flow's first API call: the temporary server answers (what training imports, imported meanwhile)."""
-    if _server is None:
+    if server is None:
         return
     from ckptflow.preload import import_training_modules
 
     import_training_modules()  # while the server boots in its own process
-    _server.wait()
+    server.wait()
 
 
 def _report_run(result: dict[str, Any], as_json: bool) -> None:
@@ -499,10 +501,10 @@ def retrain(
     _prewarm_server()
     preflight.check_model(settings)
     err.print("ckptflow retrain: starting Prefect and the retrain flow …", highlight=False)
-    _training_starts()
+    server = _training_starts()
     from flows.retrain import retrain as retrain_flow
 
-    _server_ready()
+    _server_ready(server)
     state = retrain_flow(config_file=str(config) if config else None, force=force, return_state=True)
     if not state.is_completed():
         raise CkptflowError(f"retrain ended {state.name}: {state.message or ''}".strip())
