@@ -6,6 +6,7 @@ import gc
 import os
 import signal
 import threading
+import weakref
 
 import psutil
 import pytest
@@ -80,6 +81,36 @@ def test_one_child_trains_the_chunks_of_a_run_and_a_dead_idle_child_is_replaced(
         attempts = ledger.attempts(ledger.get_run("sub").id)
     assert [(a.chunk, a.status) for a in attempts] == [(c, AttemptStatus.COMPLETED) for c in range(4)]
     assert final_diff(home, "sub") == 0.0
+
+
+def test_a_run_trains_with_the_loaded_objects_frozen_and_an_earlier_runs_garbage_is_collected_first(home):
+    """The run's first chunk freezes what is loaded (a one-chunk run too, so its train()'s full collection is
+    cheap); the release lets go. A later run in the same process collects before freezing: garbage left in a
+    reference cycle by the earlier run (a model, an optimizer) is freed, not kept frozen through the run."""
+
+    class Cycle:
+        pass
+
+    settings = settings_for(home, train={"max_steps": 2, "chunk_steps": 2})
+    warm.release()
+    warm.chunk_inputs(settings, "first", keep=False)  # a one-chunk run
+    assert gc.get_freeze_count() > 0 and warm._shared is None
+    warm.release()
+    assert gc.get_freeze_count() == 0
+
+    gc.disable()  # only an explicit collection may free the cycle
+    try:
+        garbage = Cycle()
+        garbage.self = garbage
+        alive = weakref.ref(garbage)
+        del garbage
+        warm.chunk_inputs(settings, "second", keep=True)
+        assert alive() is None
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.enable()
+        warm.release()
+    assert gc.get_freeze_count() == 0
 
 
 @pytest.mark.parametrize(
