@@ -63,9 +63,9 @@ def variants(quick: bool) -> list[Variant]:
     long_t, long_s = 4000, 100
     t, s = 400, 50
     return [
-        Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long", repeat=2),
+        Variant("a-long", "bare SFTTrainer + HF checkpointing", "bare", long_t, long_s, baseline="a-long", repeat=3),
         Variant("b-long-srv", "ckptflow run, running Prefect server", "ckptflow", long_t, long_s, server="running",
-                baseline="a-long", repeat=2),  # fmt: skip
+                baseline="a-long", repeat=3),  # fmt: skip
         Variant("b-long", "ckptflow run, temporary Prefect server", "ckptflow", long_t, long_s, baseline="a-long"),
         Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s, repeat=3),
         Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
