@@ -23,7 +23,7 @@ _LEFT, _RIGHT, _TOP, _BOTTOM = 62, 585, 34, 300
 _INSET = 6
 # At most this many points per series: a 100,000-step log stays a few tens of KB (thinned per bucket).
 MAX_POINTS = 1000
-# How many ticks each axis aims for (nice 1-2-5 steps round this up or down).
+# How many intervals between ticks each axis aims for (the nearest 1-2-5 step gives 4 to 10).
 _TICKS = 6
 # Markers are drawn on series of at most this many points; denser ones would merge into a band hiding the line.
 _MARKERS_UP_TO = 200
@@ -104,7 +104,7 @@ class _Axis:
 
     1. Give a flat range (one point, equal losses) some width: ±1 step, or ±10% of the loss.
     2. Steps (`whole`) span the data (down to a tick just below it); losses get 5% headroom at both ends.
-    3. Pick the smallest 1-2-5 step giving at most _TICKS intervals (a whole number when `whole`).
+    3. Pick the 1-2-5 step nearest (in ratio) to 1/_TICKS of the range (a whole number when `whole`).
     """
 
     def __init__(self, lo: float, hi: float, *, whole: bool) -> None:
@@ -116,7 +116,7 @@ class _Axis:
         self.lo, self.hi = lo, hi
         raw = (hi - lo) / _TICKS
         magnitude = 10 ** math.floor(math.log10(raw))
-        step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+        step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda c: abs(math.log(c / raw)))
         self.step = max(1.0, round(step)) if whole else step
         if whole and lo - math.floor(lo / self.step) * self.step <= 0.05 * (hi - lo):
             self.lo = math.floor(lo / self.step) * self.step  # steps 1..4000 start at a 0 tick
