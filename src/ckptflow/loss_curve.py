@@ -24,6 +24,8 @@ _INSET = 6
 MAX_POINTS = 1000
 # How many intervals between ticks each axis aims for (the nearest 1-2-5 step gives 4 to 10).
 _TICKS = 6
+# Grid lines: light, as matplotlib's grid(alpha=0.3) was (each line also serves as the tick mark).
+_GRID = 'stroke-opacity="0.15"'
 # Markers are drawn on series of at most this many points; denser ones would merge into a band hiding the line.
 _MARKERS_UP_TO = 200
 # Series: log key, legend label, colour (matplotlib's first two defaults), marker radius (px).
@@ -52,6 +54,7 @@ def render_loss_curve(log_history: list[dict[str, Any]], title: str) -> str | No
     x_axis = _Axis(min(x for x, _ in points), max(x for x, _ in points), whole=True)
     y_axis = _Axis(min(y for _, y in points), max(y for _, y in points), whole=False)
     to_px = _scale(x_axis, y_axis)
+    centre_x, centre_y = (_LEFT + _RIGHT) / 2, (_TOP + _BOTTOM) / 2
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" font-family="DejaVu Sans, Arial, sans-serif" font-size="11">',
@@ -61,10 +64,11 @@ def render_loss_curve(log_history: list[dict[str, Any]], title: str) -> str | No
         f'<rect x="{_LEFT}" y="{_TOP}" width="{_RIGHT - _LEFT}" height="{_BOTTOM - _TOP}" fill="none" stroke="#333"/>',
         *(_polyline(i, label, colour, pts, to_px) for i, (label, colour, _, pts) in enumerate(series)),
         *_legend(series),
-        f'<text class="x-label" x="{(_LEFT + _RIGHT) / 2:g}" y="{HEIGHT - 8}" text-anchor="middle" font-size="12">optimizer step</text>',
-        f'<text class="y-label" x="14" y="{(_TOP + _BOTTOM) / 2:g}" text-anchor="middle" font-size="12" '
-        f'transform="rotate(-90 14 {(_TOP + _BOTTOM) / 2:g})">loss</text>',
-        f'<text class="title" x="{(_LEFT + _RIGHT) / 2:g}" y="22" text-anchor="middle" font-size="14">{_xml_text(title)}</text>',
+        f'<text class="x-label" x="{centre_x:g}" y="{HEIGHT - 8}" text-anchor="middle" font-size="12">'
+        "optimizer step</text>",
+        f'<text class="y-label" x="14" y="{centre_y:g}" text-anchor="middle" font-size="12" '
+        f'transform="rotate(-90 14 {centre_y:g})">loss</text>',
+        f'<text class="title" x="{centre_x:g}" y="22" text-anchor="middle" font-size="14">{_xml_text(title)}</text>',
         "</svg>",
     ]
     return "\n".join(parts) + "\n"
@@ -147,19 +151,19 @@ def _scale(x: _Axis, y: _Axis):
 def _grid_and_ticks(x_axis: _Axis, y_axis: _Axis, to_px) -> Iterable[str]:
     for x in x_axis.ticks:
         px, _ = to_px(x, y_axis.lo)
-        yield f'<line x1="{px:.1f}" y1="{_TOP}" x2="{px:.1f}" y2="{_BOTTOM + 4}" stroke="#000" stroke-opacity="0.15"/>'
+        yield f'<line x1="{px:.1f}" y1="{_TOP}" x2="{px:.1f}" y2="{_BOTTOM + 4}" stroke="#000" {_GRID}/>'
         yield f'<text class="x-tick" x="{px:.1f}" y="{_BOTTOM + 17}" text-anchor="middle">{x_axis.label(x)}</text>'
     for y in y_axis.ticks:
         _, py = to_px(x_axis.lo, y)
-        yield f'<line x1="{_LEFT - 4}" y1="{py:.1f}" x2="{_RIGHT}" y2="{py:.1f}" stroke="#000" stroke-opacity="0.15"/>'
+        yield f'<line x1="{_LEFT - 4}" y1="{py:.1f}" x2="{_RIGHT}" y2="{py:.1f}" stroke="#000" {_GRID}/>'
         yield f'<text class="y-tick" x="{_LEFT - 7}" y="{py + 4:.1f}" text-anchor="end">{y_axis.label(y)}</text>'
 
 
 def _markers(series) -> str:
     """One <marker> per series: the polyline's vertices get it via marker-start/mid/end (no element per point)."""
     defs = [
-        f'<marker id="m{i}" viewBox="-4 -4 8 8" markerWidth="{2 * r}" markerHeight="{2 * r}" markerUnits="userSpaceOnUse">'
-        f'<circle r="4" fill="{colour}"/></marker>'
+        f'<marker id="m{i}" viewBox="-4 -4 8 8" markerWidth="{2 * r}" markerHeight="{2 * r}" '
+        f'markerUnits="userSpaceOnUse"><circle r="4" fill="{colour}"/></marker>'
         for i, (_, colour, r, _) in enumerate(series)
     ]
     return "<defs>" + "".join(defs) + "</defs>"
@@ -168,19 +172,26 @@ def _markers(series) -> str:
 def _polyline(index: int, label: str, colour: str, points: list[Point], to_px) -> str:
     coords = " ".join(f"{px:.1f},{py:.1f}" for px, py in (to_px(x, y) for x, y in points))
     marked = len(points) <= _MARKERS_UP_TO
-    markers = f' marker-start="url(#m{index})" marker-mid="url(#m{index})" marker-end="url(#m{index})"' if marked else ""
-    return f'<polyline class="{label.replace(" ", "-")}" fill="none" stroke="{colour}" stroke-width="1.5" stroke-linejoin="round" points="{coords}"{markers}/>'
+    markers = "".join(f' marker-{where}="url(#m{index})"' for where in ("start", "mid", "end")) if marked else ""
+    return (
+        f'<polyline class="{label.replace(" ", "-")}" fill="none" stroke="{colour}" stroke-width="1.5" '
+        f'stroke-linejoin="round" points="{coords}"{markers}/>'
+    )
 
 
 def _legend(series) -> Iterable[str]:
     """Top right inside the plot: a line-and-marker sample and the label per series."""
     x, y = _RIGHT - 100, _TOP + 8
-    yield f'<rect x="{x}" y="{y}" width="92" height="{8 + 16 * len(series)}" fill="white" fill-opacity="0.8" stroke="#ccc"/>'
+    yield (
+        f'<rect x="{x}" y="{y}" width="92" height="{8 + 16 * len(series)}" fill="white" fill-opacity="0.8" '
+        'stroke="#ccc"/>'
+    )
     for i, (label, colour, _, _) in enumerate(series):
         row = y + 13 + 16 * i
+        sample = f"{x + 6},{row - 4} {x + 16},{row - 4} {x + 26},{row - 4}"  # the middle vertex carries the marker
         yield (
-            f'<polyline class="legend-sample" fill="none" stroke="{colour}" stroke-width="1.5" points="{x + 6},{row - 4} {x + 16},{row - 4} '
-            f'{x + 26},{row - 4}" marker-mid="url(#m{i})"/>'
+            f'<polyline class="legend-sample" fill="none" stroke="{colour}" stroke-width="1.5" points="{sample}" '
+            f'marker-mid="url(#m{i})"/>'
         )
         yield f'<text class="legend" x="{x + 32}" y="{row}">{label}</text>'
 

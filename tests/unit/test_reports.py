@@ -11,7 +11,8 @@ from ckptflow.reports import LOSS_CURVE_SVG, _rounded, loss_curve_svg, svg_data_
 
 
 def test_loss_curve_is_written_as_svg_and_inlined_as_an_svg_data_uri(tmp_path):
-    out = loss_curve_svg([{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}], tmp_path / "run" / LOSS_CURVE_SVG, "r")
+    log = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.5}]
+    out = loss_curve_svg(log, tmp_path / "run" / LOSS_CURVE_SVG, "r")
     assert out == tmp_path / "run" / "loss-curve.svg"
     assert ET.parse(out).getroot().tag == "{http://www.w3.org/2000/svg}svg"
     uri = svg_data_uri(out)
