@@ -63,7 +63,7 @@ def render_loss_curve(log_history: list[dict[str, Any]], title: str) -> str | No
         *_grid_and_ticks(x_axis, y_axis, to_px),
         f'<rect x="{_LEFT}" y="{_TOP}" width="{_RIGHT - _LEFT}" height="{_BOTTOM - _TOP}" fill="none" stroke="#333"/>',
         *(_polyline(i, label, colour, pts, to_px) for i, (label, colour, _, pts) in enumerate(series)),
-        *_legend(series),
+        *_legend(series, to_px),
         f'<text class="x-label" x="{centre_x:g}" y="{HEIGHT - 8}" text-anchor="middle" font-size="12">'
         "optimizer step</text>",
         f'<text class="y-label" x="14" y="{centre_y:g}" text-anchor="middle" font-size="12" '
@@ -179,13 +179,11 @@ def _polyline(index: int, label: str, colour: str, points: list[Point], to_px) -
     )
 
 
-def _legend(series) -> Iterable[str]:
-    """Top right inside the plot: a line-and-marker sample and the label per series."""
-    x, y = _RIGHT - 100, _TOP + 8
-    yield (
-        f'<rect x="{x}" y="{y}" width="92" height="{8 + 16 * len(series)}" fill="white" fill-opacity="0.8" '
-        'stroke="#ccc"/>'
-    )
+def _legend(series, to_px) -> Iterable[str]:
+    """A line-and-marker sample and the label per series, in the plot corner the curves cross least."""
+    width, height = 92, 8 + 16 * len(series)
+    x, y = _legend_corner(series, to_px, width, height)
+    yield f'<rect x="{x}" y="{y}" width="{width}" height="{height}" fill="white" fill-opacity="0.8" stroke="#ccc"/>'
     for i, (label, colour, _, _) in enumerate(series):
         row = y + 13 + 16 * i
         sample = f"{x + 6},{row - 4} {x + 16},{row - 4} {x + 26},{row - 4}"  # the middle vertex carries the marker
@@ -194,6 +192,27 @@ def _legend(series) -> Iterable[str]:
             f'marker-mid="url(#m{i})"/>'
         )
         yield f'<text class="legend" x="{x + 32}" y="{row}">{label}</text>'
+
+
+def _legend_corner(series, to_px, width: int, height: int) -> tuple[int, int]:
+    """Top-left (x, y) of the legend: of the four plot corners (top right first, as matplotlib's "best" tries),
+    the one whose box the fewest curve segments may cross (a segment counts when its bounding box overlaps)."""
+    left, right, top, bottom = _LEFT + 8, _RIGHT - 8 - width, _TOP + 8, _BOTTOM - 8 - height
+    corners = [(right, top), (left, top), (right, bottom), (left, bottom)]
+    segments = []
+    for *_, points in series:
+        pixels = [to_px(px, py) for px, py in points]
+        segments += list(zip(pixels, pixels[1:] or pixels))
+
+    def crossings(corner: tuple[int, int]) -> int:
+        x, y = corner
+        return sum(
+            1
+            for (ax, ay), (bx, by) in segments
+            if min(ax, bx) <= x + width and max(ax, bx) >= x and min(ay, by) <= y + height and max(ay, by) >= y
+        )
+
+    return min(corners, key=crossings)  # min keeps the first of equals: top right when nothing is crossed
 
 
 def _xml_text(text: str) -> str:

@@ -145,3 +145,19 @@ def test_render_time_of_a_4000_step_history():
     seconds = time.process_time() - started
     print(f"\n4,000-step loss curve: {seconds * 1000:.1f} ms CPU, {len(svg.encode())} bytes")
     assert svg is not None
+
+
+@pytest.mark.parametrize(
+    ("log", "corner"),
+    [
+        (_log(range(1, 41)), "top right"),  # a falling curve leaves the top right free
+        ([{"step": 1, "loss": 5.8}, {"step": 4, "loss": 5.8}, {"step": 2, "eval_loss": 6.9}, {"step": 4, "eval_loss": 6.9}],
+         "top left"),  # an eval line along the top right: the first free corner
+        ([{"step": s, "loss": 1.0 + s} for s in range(1, 41)], "top left"),  # a rising curve crosses the top right
+    ],
+)
+def test_the_legend_sits_in_a_corner_the_curves_leave_free(log, corner):
+    root = _parse(render_loss_curve(log, "t"))
+    (box,) = [r for r in root.iter(f"{SVG}rect") if r.get("stroke") == "#ccc"]
+    x, y = float(box.get("x")), float(box.get("y"))
+    assert ("top" if y < HEIGHT / 2 else "bottom") + " " + ("left" if x < WIDTH / 2 else "right") == corner
