@@ -152,7 +152,8 @@ def test_render_time_of_a_4000_step_history():
     [
         (_log(range(1, 41)), "top right"),  # a falling curve leaves the top right free
         (  # an eval line along the top right: the first free corner
-            [{"step": 1, "loss": 5.8}, {"step": 4, "loss": 5.8}, {"step": 2, "eval_loss": 6.9}, {"step": 4, "eval_loss": 6.9}],
+            [{"step": 1, "loss": 5.8}, {"step": 4, "loss": 5.8}]
+            + [{"step": 2, "eval_loss": 6.9}, {"step": 4, "eval_loss": 6.9}],
             "top left",
         ),
         ([{"step": s, "loss": 1.0 + s} for s in range(1, 41)], "top left"),  # a rising curve crosses the top right
