@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # How often the watcher looks at the ledger (seconds): often enough that a save shows within seconds.
 POLL_SECONDS = 0.5
-# Between chunk ends the summary (tables + loss curve PNG, a new artifact version each time) is refreshed at most
+# Between chunk ends the summary (tables + loss curve SVG, a new artifact version each time) is refreshed at most
 # this often (seconds): the UI grows its curve during a long chunk without a version per save piling up in
 # Prefect's database. The flow publishes the final one at the end.
 SUMMARY_MIN_INTERVAL_SECONDS = 30.0

@@ -54,10 +54,10 @@ def publish_run_artifacts(settings: Settings, run_name: str) -> dict[str, str]:
     ledger = Ledger(settings.ledger, home=settings.home)
     try:
         rows = reports.checkpoint_rows(ledger, run_name)
-        png = reports.loss_curve_png(
-            reports.training_log(ledger, run_name), settings.run_dir(run_name) / reports.LOSS_CURVE_PNG, run_name
+        curve = reports.loss_curve_svg(
+            reports.training_log(ledger, run_name), settings.run_dir(run_name) / reports.LOSS_CURVE_SVG, run_name
         )
-        summary = reports.summary_markdown(ledger, run_name, png)
+        summary = reports.summary_markdown(ledger, run_name, curve)
     finally:
         ledger.close()
     keys = {

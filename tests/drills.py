@@ -74,7 +74,6 @@ PRELOAD = [
     "trl.trainer.sft_trainer",
     "peft",
     "datasets",
-    "matplotlib.pyplot",
     "ckptflow.cli",
     "ckptflow.chunks",
     "ckptflow.data",

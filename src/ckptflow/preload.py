@@ -1,11 +1,11 @@
 """Import what training and the end of a run will need, at a moment the process would otherwise spend waiting.
 
 `ckptflow run` waits for Prefect's temporary server to boot (3-5 s, in another process); the
-modules a chunk imports on its first use (TRL's trainer, transformers' Trainer, accelerate) and
-the loss-curve plot's matplotlib (~1.5 s of CPU) are imported during that wait instead of later
-on the run's critical path. Imports run in the calling thread: two threads importing
-overlapping packages can deadlock on the per-module import locks or see half-initialised
-modules, and the wait leaves this thread idle anyway.
+modules a chunk imports on its first use (TRL's trainer, transformers' Trainer, accelerate) are
+imported during that wait instead of later on the run's critical path (the loss curve needs
+none: ckptflow.loss_curve writes SVG with the standard library). Imports run in the calling
+thread: two threads importing overlapping packages can deadlock on the per-module import locks
+or see half-initialised modules, and the wait leaves this thread idle anyway.
 """
 
 from __future__ import annotations
@@ -17,14 +17,11 @@ __all__ = ["TRAINING_MODULES", "import_training_modules"]
 
 log = logging.getLogger(__name__)
 
-# What a run imports only once it trains (ckptflow.training, ckptflow.reports): SFTTrainer pulls in
-# transformers.Trainer and accelerate; the loss curve, matplotlib's figure and Agg canvas (not pyplot,
-# which would choose a backend before reports.py selects Agg).
+# What a run imports only once it trains (ckptflow.training): SFTTrainer pulls in transformers.Trainer
+# and accelerate.
 TRAINING_MODULES = (
     "trl.trainer.sft_trainer",
     "trl.trainer.sft_config",
-    "matplotlib.figure",
-    "matplotlib.backends.backend_agg",
 )
 
 

@@ -1,4 +1,4 @@
-"""What a run looks like to a person: checkpoint table rows, a markdown summary, a loss-curve PNG,
+"""What a run looks like to a person: checkpoint table rows, a markdown summary, a loss-curve SVG,
 and the explanation of a retrain decision.
 
 Plain data and files only; tasks/reporting.py publishes them as Prefect artifacts.
@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ckptflow.ledger import AttemptRecord, CheckpointState, Ledger
+from ckptflow.loss_curve import render_loss_curve
 from ckptflow.policy import best_step, decide_retention, format_bytes, retention_policy
 from ckptflow.views import checkpoint_location
 from ckptflow.runs import CONFIG_DATA_FINGERPRINT, get_run, run_settings
 
 # HF writes the training log into every checkpoint under this name.
 TRAINER_STATE = "trainer_state.json"
-LOSS_CURVE_PNG = "loss-curve.png"
+LOSS_CURVE_SVG = "loss-curve.svg"
 # Prefect UI routes (relative, so links work on whatever host serves the UI).
 UI_TASK_RUN = "/runs/task-run/{id}"
 UI_FLOW_RUN = "/runs/flow-run/{id}"
@@ -89,52 +90,19 @@ def training_log(ledger: Ledger, run_name: str) -> list[dict[str, Any]]:
     return []
 
 
-def loss_curve_png(log_history: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    """Train and eval loss by step as a PNG; None when there is nothing to plot."""
-    fig = loss_curve_figure(log_history, title)
-    if fig is None:
+def loss_curve_svg(log_history: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """Train and eval loss by step written as an SVG to `out`; None (and no file) when there is nothing to plot."""
+    svg = render_loss_curve(log_history, title)
+    if svg is None:
         return None
-    import matplotlib.pyplot as plt
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    out.write_text(svg, encoding="utf-8")
     return out
 
 
-def loss_curve_figure(log_history: list[dict[str, Any]], title: str):
-    """The matplotlib figure of `loss_curve_png` (integer step ticks); None when there is nothing to plot."""
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
-    if not train and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", marker=".")
-    if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="o")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    steps = [step for step, _ in train + evals]
-    if max(steps) - min(steps) < 2:  # a one- or two-step run: matplotlib would zoom to fractional ticks
-        ax.set_xlim(min(steps) - 1, max(steps) + 1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def png_data_uri(path: Path) -> str:
-    """The PNG inlined as a `data:` URI: renders in the Prefect UI's markdown offline, no file server needed."""
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def svg_data_uri(path: Path) -> str:
+    """The SVG inlined as a `data:` URI: renders in the Prefect UI's markdown offline, no file server needed."""
+    return "data:image/svg+xml;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _fmt(value: Any) -> str:
@@ -224,8 +192,8 @@ def summary_markdown(ledger: Ledger, run_name: str, loss_curve: Path | None = No
     if loss_curve is not None and loss_curve.is_file():
         lines += ["", "## Loss curve", ""]
         if embed:
-            lines += [f"![loss curve of {run.name}]({png_data_uri(loss_curve)})", ""]
-        lines.append(f"PNG: `{loss_curve}`")
+            lines += [f"![loss curve of {run.name}]({svg_data_uri(loss_curve)})", ""]
+        lines.append(f"SVG: `{loss_curve}`")
     return "\n".join(lines)
 
 

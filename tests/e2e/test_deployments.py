@@ -84,7 +84,7 @@ def test_finetune_deployment_retries_a_chunk_and_publishes_artifacts(stack):
         assert float(artifacts[f"{RUN}-progress"].data) == 100.0
         summary = artifacts[f"{RUN}-summary"].data
         assert re.search(r"\| eval loss \| \d+\.\d{4} \| \d+\.\d{4} \|", summary), summary[:2000]
-        assert "- retries: 1" in summary and "![loss curve" in summary and "data:image/png;base64," in summary
+        assert "- retries: 1" in summary and "![loss curve" in summary and "data:image/svg+xml;base64," in summary
         assert str(stack.ckptflow_home / "exports" / RUN) in summary
         assert f"/runs/task-run/{retried.id}" in summary
 

@@ -140,7 +140,7 @@ def test_flow_run_page_checkpoint_table_and_loss_curve_render(server, drill_run,
 
             # 3. The summary: retries per chunk, and the loss curve decoded as a real image.
             page.goto(f"{ui}/artifacts/artifact/{artifacts[f'{RUN}-summary'].id}")
-            image = page.locator("img[src^='data:image/png']").first
+            image = page.locator("img[src^='data:image/svg+xml']").first
             image.wait_for()
             image.scroll_into_view_if_needed()
             page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=image.element_handle())
