@@ -4,20 +4,16 @@ process group, all killed (with every descendant) when the module's tests finish
 
 Each server gets its own PREFECT_HOME, seeded with a copy of one database that `prefect server
 database upgrade` made once per session (`seed_prefect_home`): a server on a fresh database runs
-every migration first, which on 2 busy cores takes longer than the rest of its start."""
+every migration first, which on 2 busy cores takes longer than the rest of its start (tests/prefect_db.py)."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.prefect_db import seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -70,24 +68,6 @@ def _clean_env(prefect_home: Path, api_url: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     return env
-
-
-@functools.cache
-def _migrated_prefect_db() -> Path:
-    """Prefect's database, created and migrated to head once per test process (removed at exit)."""
-    root = Path(tempfile.mkdtemp(prefix="ckptflow-prefect-db-"))
-    atexit.register(shutil.rmtree, root, True)
-    env = _clean_env(root, "http://127.0.0.1:9/api")  # `database upgrade` works on the file, no server is called
-    done = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return root / "prefect.db"
-
-
-def seed_prefect_home(prefect_home: Path) -> None:
-    """Give a new server's PREFECT_HOME the migrated database (its own copy: servers share no state)."""
-    prefect_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_migrated_prefect_db(), prefect_home / "prefect.db")
 
 
 def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
