@@ -28,6 +28,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 POOL = "ckptflow-process"
 SERVER_START_TIMEOUT_S = 120
+# How often to ask a starting server for /health (seconds): each wasted poll delays every stack.
+HEALTH_POLL_S = 0.1
 
 
 @dataclass
@@ -112,7 +114,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
                     return
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(HEALTH_POLL_S)
     raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
@@ -165,6 +167,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 # How long an e2e test waits for a flow run to reach a final state (seconds).
 FLOW_RUN_TIMEOUT_S = 300
+# How often to read the flow run's state (seconds): a final state is seen at most this late.
+FLOW_RUN_POLL_S = 0.25
 
 
 def wait_final(client, flow_run_id, stack: Stack):
@@ -174,6 +178,6 @@ def wait_final(client, flow_run_id, stack: Stack):
         run = client.read_flow_run(flow_run_id)
         if run.state is not None and run.state.is_final():
             return run
-        time.sleep(1)
+        time.sleep(FLOW_RUN_POLL_S)
     worker_log = (stack.logs / "worker.log").read_text()[-5000:]
     raise AssertionError(f"flow run {flow_run_id} not finished after {FLOW_RUN_TIMEOUT_S}s; worker log:\n{worker_log}")
