@@ -36,6 +36,7 @@ from ckptflow.integrity import MANIFEST_NAME, checkpoint_dirs
 from ckptflow.ledger import AttemptRecord, AttemptStatus, CheckpointRecord, CheckpointState, Ledger, RunRecord
 
 from tests.helpers import ADAPTER_FILE, adapter_weights, max_abs_diff
+from tests.prefect_db import seed_prefect_home
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,11 +136,20 @@ def running_prefect_server(root: Path) -> Iterator[PrefectServer]:
 
 @functools.cache
 def session_server() -> PrefectServer:
-    """The one Prefect server of this test process, started on first use and stopped at exit."""
-    server = running_prefect_server(Path(tempfile.mkdtemp(prefix="ckptflow-prefect-")))
+    """The one Prefect server of this test process, started on first use; stopped and its files removed at exit."""
+    root = _temporary_root("ckptflow-prefect-")
+    seed_prefect_home(root / "prefect-home")  # a migrated database: the server starts without migrating
+    server = running_prefect_server(root)
     started = server.__enter__()
-    atexit.register(server.__exit__, None, None, None)
+    atexit.register(server.__exit__, None, None, None)  # atexit runs last-in first-out: stopped, then removed
     return started
+
+
+def _temporary_root(prefix: str) -> Path:
+    """A new directory under the system's temp dir, removed at exit (session-wide caches outlive any fixture)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, root, True)
+    return root
 
 
 def _wait_healthy(api_url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -375,7 +385,7 @@ def full_verify(home: Path, run_name: str) -> dict[int, list[str]]:
 @functools.cache
 def reference_adapter(extra_env: tuple[tuple[str, str], ...] = ()) -> Path:
     """Final adapter of an uninterrupted drill run (trained once per session and settings)."""
-    root = Path(tempfile.mkdtemp(prefix="ckptflow-reference-"))
+    root = _temporary_root("ckptflow-reference-")
     code, out = run_driver(root / "home", "reference", dict(extra_env))
     assert code == 0, out
     path = root / "home" / "runs" / "reference" / "checkpoints" / f"checkpoint-{LAST_STEP}" / ADAPTER_FILE

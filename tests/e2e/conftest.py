@@ -4,20 +4,16 @@ process group, all killed (with every descendant) when the module's tests finish
 
 Each server gets its own PREFECT_HOME, seeded with a copy of one database that `prefect server
 database upgrade` made once per session (`seed_prefect_home`): a server on a fresh database runs
-every migration first, which on 2 busy cores takes longer than the rest of its start."""
+every migration first, which on 2 busy cores takes longer than the rest of its start (tests/prefect_db.py)."""
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import functools
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -26,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.prefect_db import seed_prefect_home
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 POOL = "ckptflow-process"
 SERVER_START_TIMEOUT_S = 120
+# How often to ask a starting server for /health (seconds): each wasted poll delays every stack.
+HEALTH_POLL_S = 0.1
 
 
 @dataclass
@@ -70,24 +70,6 @@ def _clean_env(prefect_home: Path, api_url: str) -> dict[str, str]:
         TOKENIZERS_PARALLELISM="false",
     )
     return env
-
-
-@functools.cache
-def _migrated_prefect_db() -> Path:
-    """Prefect's database, created and migrated to head once per test process (removed at exit)."""
-    root = Path(tempfile.mkdtemp(prefix="ckptflow-prefect-db-"))
-    atexit.register(shutil.rmtree, root, True)
-    env = _clean_env(root, "http://127.0.0.1:9/api")  # `database upgrade` works on the file, no server is called
-    done = subprocess.run([str(BIN / "prefect"), "server", "database", "upgrade", "-y"], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return root / "prefect.db"
-
-
-def seed_prefect_home(prefect_home: Path) -> None:
-    """Give a new server's PREFECT_HOME the migrated database (its own copy: servers share no state)."""
-    prefect_home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_migrated_prefect_db(), prefect_home / "prefect.db")
 
 
 def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -132,7 +114,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
                     return
         except OSError:
             pass
-        time.sleep(0.5)
+        time.sleep(HEALTH_POLL_S)
     raise RuntimeError(f"prefect server not healthy after {SERVER_START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
@@ -185,6 +167,8 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
 
 # How long an e2e test waits for a flow run to reach a final state (seconds).
 FLOW_RUN_TIMEOUT_S = 300
+# How often to read the flow run's state (seconds): a final state is seen at most this late.
+FLOW_RUN_POLL_S = 0.25
 
 
 def wait_final(client, flow_run_id, stack: Stack):
@@ -194,6 +178,6 @@ def wait_final(client, flow_run_id, stack: Stack):
         run = client.read_flow_run(flow_run_id)
         if run.state is not None and run.state.is_final():
             return run
-        time.sleep(1)
+        time.sleep(FLOW_RUN_POLL_S)
     worker_log = (stack.logs / "worker.log").read_text()[-5000:]
     raise AssertionError(f"flow run {flow_run_id} not finished after {FLOW_RUN_TIMEOUT_S}s; worker log:\n{worker_log}")

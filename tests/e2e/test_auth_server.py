@@ -135,7 +135,7 @@ def test_ckptflow_serve_registers_both_deployments_on_the_authenticated_server(a
         deadline = time.monotonic() + 120
         while "being served" not in log.read_text():
             assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         with _client(auth_stack) as client:
             served = {name: client.read_deployment_by_name(name) for name in ("finetune/finetune", "retrain/retrain")}
         assert all(d.work_pool_name is None for d in served.values())  # served by the process, not on the pool

@@ -13,8 +13,16 @@ pytestmark = pytest.mark.slow
 LONG_NAME = "a-rather-long-run-name-that-a-table-at-eighty-columns-would-truncate-" + "x" * 20
 
 
+def _server_env() -> dict[str, str]:
+    """The session's running Prefect server (tests/drills.py): no temporary server per command (what it
+    does is tested in test_fast_exit and test_temporary_server); output and results are the same."""
+    from tests.drills import session_server
+
+    return {"PREFECT_API_URL": session_server().api_url}
+
+
 def test_run_json_prints_the_result_on_stdout_and_says_what_it_does_first(home, tmp_path):
-    proc = ckptflow("run", "--run-name", LONG_NAME, "--json", cwd=tmp_path, env={"CKPTFLOW_HOME": str(home)})
+    proc = ckptflow("run", "--run-name", LONG_NAME, "--json", cwd=tmp_path, env={"CKPTFLOW_HOME": str(home), **_server_env()})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[0].startswith("ckptflow run: checking settings")
     result = json.loads(proc.stdout)  # nothing but the document on stdout
@@ -37,7 +45,7 @@ def test_run_json_prints_the_result_on_stdout_and_says_what_it_does_first(home, 
 
 
 def test_retrain_runs_the_retrain_flow_locally(home, tmp_path):
-    env = {"CKPTFLOW_HOME": str(home)}
+    env = {"CKPTFLOW_HOME": str(home), **_server_env()}
     first = ckptflow("retrain", "--json", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     decision = json.loads(first.stdout)

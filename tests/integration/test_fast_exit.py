@@ -70,7 +70,9 @@ def _port_open(url: str) -> bool:
 
 def test_a_run_ends_without_teardown_and_keeps_everything(home, tmp_path):
     """Temporary server: exit 0, the whole JSON document, ledger and export complete, the server stopped."""
-    env = {"PREFECT_HOME": str(tmp_path / "ph"), "CKPTFLOW_TRAIN__MAX_STEPS": "2"}
+    from tests.prefect_db import seed_prefect_home
+
+    env = {"PREFECT_HOME": str(seed_prefect_home(tmp_path / "ph")), "CKPTFLOW_TRAIN__MAX_STEPS": "2"}  # migrated: starts sooner
     proc, marks = _run(["run", "--run-name", "fast", "--json"], tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     document = json.loads(proc.stdout)  # complete: a truncated document would not parse

@@ -140,6 +140,7 @@ def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home,
 
     remote_url, bucket = s3_remote
     from tests.drills import LAST_STEP, cli
+    from tests.prefect_db import seed_prefect_home
 
     started = time.monotonic()
     procs = {
@@ -149,7 +150,7 @@ def test_two_ckptflow_runs_train_two_runs_into_one_postgres_ledger_at_once(home,
             env={
                 "CKPTFLOW_LEDGER_URL": postgres_url,
                 "CKPTFLOW_CHECKPOINT__REMOTE_URL": remote_url,
-                "PREFECT_HOME": str(tmp_path / f"prefect-{name}"),
+                "PREFECT_HOME": str(seed_prefect_home(tmp_path / f"prefect-{name}")),  # migrated: the server starts sooner
             },
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         )
