@@ -3,24 +3,11 @@ import pytest
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """The Prefect API of every in-process flow test: the drills' server (tests/drills.py `session_server`).
+    """One temporary Prefect server (and database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
 
-    One real `prefect server start` on a migrated database serves the drills' processes and these tests
-    alike, instead of a second server (prefect_test_harness) that migrates a fresh database first.
-    As in prefect_test_harness, the URL is also the process-global setting: Prefect's log and event
-    workers run in threads that do not see this context. They are drained while the server still runs."""
-    from prefect.context import _temporary_global_settings_context, get_settings_context
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tests.drills import session_server
-
-    with temporary_settings({PREFECT_API_URL: session_server().api_url}):
-        with _temporary_global_settings_context(get_settings_context()):
-            yield
-            APILogWorker.drain_all(timeout=30)
-            EventsWorker.drain_all()
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")
