@@ -62,7 +62,6 @@ PROCESS_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
-    "MPLBACKEND": "Agg",
 }
 # How long a watched state may take to appear, and how often to look (seconds).
 WATCH_TIMEOUT = 120.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -135,16 +134,6 @@ def test_thin_keeps_first_and_last_in_step_order(n):
     assert len(kept) <= MAX_POINTS and kept[0] == points[0] and kept[-1] == points[-1]
     assert [x for x, _ in kept] == sorted({x for x, _ in kept})
     assert kept == points if n <= MAX_POINTS else set(kept) <= set(points)
-
-
-def test_render_time_of_a_4000_step_history():
-    """Printed, not asserted (see the PR report for the matplotlib numbers it replaces)."""
-    log = _log(range(1, 4001), range(200, 4001, 200))
-    started = time.process_time()
-    svg = render_loss_curve(log, "t")
-    seconds = time.process_time() - started
-    print(f"\n4,000-step loss curve: {seconds * 1000:.1f} ms CPU, {len(svg.encode())} bytes")
-    assert svg is not None
 
 
 @pytest.mark.parametrize(
