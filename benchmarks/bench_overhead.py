@@ -273,10 +273,27 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
     report.note("\n".join(f"- {n}" for n in notes))
 
 
+def _paired_ratios(todo: list[Variant], results: dict[str, dict]) -> list[str]:
+    """Each repeated ckptflow variant against its bare baseline, run by run: the pairs ran back to back
+    (interleaved), so a machine that drifts over the bench (other tenants, thermal) affects both runs of
+    a pair alike, where the two medians may come from different moments."""
+    out = []
+    for v in todo:
+        base = next((b for b in todo if b.key == v.baseline), None)
+        if v.kind != "ckptflow" or v.repeat < 2 or base is None or base.repeat != v.repeat:
+            continue
+        ratios = [b / a for a, b in zip(results[base.key]["walls"], results[v.key]["walls"])]
+        out.append(
+            f"{v.key} / {base.key}, interleaved pairs (run i of each): "
+            f"{', '.join(f'{r:.3f}×' for r in ratios)}; median {statistics.median(ratios):.3f}×"
+        )
+    return out
+
+
 def _derived(todo: list[Variant], results: dict[str, dict]) -> list[str]:
     """Marginal costs from pairs of runs that differ in one thing."""
     by = {v.key: v for v in todo}
-    out = []
+    out = _paired_ratios(todo, results)
     for key in ("b-long-srv", "b-long"):
         if key not in results or "a-long" not in results:
             continue
