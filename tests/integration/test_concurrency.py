@@ -33,9 +33,8 @@ def _ledger(home) -> Ledger:
 
 
 def test_two_runs_training_at_once_share_the_sqlite_ledger(home):
-    # Each run holds still mid-run (after step 8) for a few seconds: the two overlap whichever starts first
-    # (they are forked milliseconds apart, so a short hold is enough; the spans below check the overlap).
-    drivers = [Driver(home, name, BUSY | pause_env("step-end", 8, seconds=3)) for name in ("left", "right")]
+    # Each run holds still mid-run (after step 8) for a few seconds: the two overlap whichever starts first.
+    drivers = [Driver(home, name, BUSY | pause_env("step-end", 8, seconds=8)) for name in ("left", "right")]
     codes = [d.wait() for d in drivers]
     outputs = [d.output() for d in drivers]
     for code, out in zip(codes, outputs):
