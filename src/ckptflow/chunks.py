@@ -391,12 +391,13 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     from trl import SFTTrainer
 
     from ckptflow.modeling import lora_config
-    from ckptflow.warm import chunk_inputs, warm_key
+    from ckptflow.warm import TrainerDatasets, chunk_inputs, keep_prepared, warm_key
 
     # Tokenizer and data stay loaded for the run's next chunk in this process (not under torchrun).
     keep = job.end_step < total_steps and distributed.world_size() == 1
-    inputs = chunk_inputs(settings, warm_key(settings, job.ledger_url, job.run_name), keep=keep)
-    tokenizer, data = inputs.tokenizer, inputs.data
+    key = warm_key(settings, job.ledger_url, job.run_name)
+    inputs = chunk_inputs(settings, key, keep=keep)
+    tokenizer, data, prepared = inputs.tokenizer, inputs.data, inputs.prepared
     spec = TrainerSpec(settings.checkpoints_dir(job.run_name), total_steps, settings)
     # TensorBoard (report_to): every chunk appends to runs/<run>/tensorboard, not a dir beside the checkpoints.
     os.environ[TENSORBOARD_DIR_ENV] = str(settings.run_dir(job.run_name) / TENSORBOARD_DIR)
@@ -404,13 +405,15 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     callbacks, background = make_callbacks(schedule)
     trainer = SFTTrainer(
         model=inputs.model,
-        args=sft_config(spec),
-        train_dataset=data.train,
-        eval_dataset=data.eval if settings.checkpoint.evaluates else None,
+        args=sft_config(spec, dataset_prepared=prepared is not None),
+        train_dataset=data.train if prepared is None else prepared.train,
+        eval_dataset=(data.eval if prepared is None else prepared.eval) if settings.checkpoint.evaluates else None,
         processing_class=tokenizer,
         peft_config=lora_config(settings.model),
         callbacks=callbacks,
     )
+    if keep and prepared is None:  # the next chunks skip TRL's preparation (warm.py)
+        keep_prepared(key, TrainerDatasets(trainer.train_dataset, trainer.eval_dataset))
     trainer.remove_callback(PrinterCallback)  # replaced by LogCallback: stdout stays clean
     if settings.fault.pause_at == "mid-save":
         _pause_mid_save(trainer)

@@ -248,8 +248,11 @@ TENSORBOARD_DIR_ENV = "TENSORBOARD_LOGGING_DIR"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def sft_config(spec: TrainerSpec):
-    """SFTConfig for a chunk: HF saves/evaluates on schedule, keeps everything, never picks a checkpoint."""
+def sft_config(spec: TrainerSpec, *, dataset_prepared: bool = False):
+    """SFTConfig for a chunk: HF saves/evaluates on schedule, keeps everything, never picks a checkpoint.
+
+    `dataset_prepared`: the datasets are the ones TRL prepared for an earlier chunk of the run (warm.py).
+    """
     from trl import SFTConfig
 
     s = spec.settings
@@ -281,6 +284,7 @@ def sft_config(spec: TrainerSpec):
         fp16=precision == "fp16",
         use_cpu=not _cuda_available(),
         dataloader_num_workers=0,
+        dataset_kwargs={"skip_prepare_dataset": True} if dataset_prepared else None,
     )
 
 

@@ -31,7 +31,8 @@ def test_warm_chunks_are_bit_identical_to_cold_chunks_and_to_one_chunk(home):
     warm_before: list[bool] = []
 
     def warm_launch(job, plan):
-        warm_before.append(warm._shared is not None)  # the previous chunk left tokenizer and data loaded
+        shared = warm._shared  # what the previous chunk left loaded: tokenizer and data, TRL's prepared datasets
+        warm_before.append((shared is not None, shared is not None and shared.prepared is not None))
         launch_inprocess(job, plan)
 
     def cold_launch(job, plan):
@@ -45,7 +46,7 @@ def test_warm_chunks_are_bit_identical_to_cold_chunks_and_to_one_chunk(home):
     assert warm._shared is None and gc.get_freeze_count() == 0  # the run's last chunk let go of everything
     train_without_prefect(split, "cold", launch=cold_launch)
 
-    assert warm_before == [False, True, True]
+    assert warm_before == [(False, False), (True, True), (True, True)]  # chunks 2 and 3 skip TRL's preparation
     final = {name: adapter_weights(split.checkpoints_dir(name) / "checkpoint-6") for name in ("one", "warm", "cold")}
     assert max_abs_diff(final["warm"], final["one"]) == 0.0
     assert max_abs_diff(final["warm"], final["cold"]) == 0.0

@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from ckptflow.errors import LeaseLostError, LedgerError, LedgerUnavailableError, RunLockedError
+from ckptflow.ledger import shared_engines
 from ckptflow.sqlite_url import sqlite_file
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.policy import Ckpt, best_of, metric_value
@@ -425,7 +426,8 @@ class Ledger:
         self.readonly = readonly
         self._sqlite_path = sqlite_file(url)
         self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
-        self._engine = make_engine(url, readonly=readonly)
+        self._engine = self._open_engine()
+        self._closed = False
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
         self._read = sessionmaker(self._engine, expire_on_commit=False)
         self._write = sessionmaker(self._writer_engine, expire_on_commit=False)
@@ -435,8 +437,16 @@ class Ledger:
             else:
                 self._migrate()
         except BaseException:
-            self._engine.dispose()
+            self.close()
             raise
+
+    def _open_engine(self) -> Engine:
+        """This process's engine of the URL (shared_engines.py); an in-memory database gets its own."""
+        if self._sqlite_path is None and make_url(self.url).get_backend_name() == "sqlite":
+            return make_engine(self.url, readonly=self.readonly)
+        if self._sqlite_path is not None and not self.readonly:
+            self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # removed since the engine was made?
+        return shared_engines.acquire(self.url, self.readonly, lambda: make_engine(self.url, readonly=self.readonly))
 
     def __repr__(self) -> str:
         from ckptflow.secrets import mask_url
@@ -450,7 +460,14 @@ class Ledger:
         self.close()
 
     def close(self) -> None:
-        self._engine.dispose()
+        """Give the engine back; the last open Ledger of the URL in this process closes its connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._sqlite_path is None and self._engine.dialect.name == "sqlite":  # in-memory: its own engine
+            self._engine.dispose()
+        else:
+            shared_engines.release(self.url, self.readonly, self._engine)
 
     # -- schema ----------------------------------------------------------------------
     @_retried_on_disconnect  # also makes opening a Ledger wait out a short outage (it reads this first)
