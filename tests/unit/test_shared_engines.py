@@ -96,3 +96,21 @@ def test_idle_engines_are_bounded(tmp_path):
         Ledger(_url(tmp_path, f"l{i}.db")).close()
     idle = [e for e in shared_engines._entries.values() if e.users == 0]
     assert len(idle) <= shared_engines._MAX_IDLE
+
+
+def test_a_forked_child_makes_its_own_engine(tmp_path):
+    import multiprocessing
+
+    url = _url(tmp_path)
+    with Ledger(url) as parent:  # open while forking: its pool holds the parent's connection
+        parent.create_run("a", **RUN)
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(1) as pool:
+            child_engine_is_new = pool.apply(_engine_is_not_inherited, (url, id(parent._engine)))
+        assert child_engine_is_new
+        assert parent.get_run("a") is not None  # the child's exit left the parent's connection alone
+
+
+def _engine_is_not_inherited(url: str, parent_engine_id: int) -> bool:
+    with Ledger(url) as led:
+        return id(led._engine) != parent_engine_id and led.get_run("a") is not None

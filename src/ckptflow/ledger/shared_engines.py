@@ -10,11 +10,13 @@ Connections still live only while a `Ledger` is open: when the last open `Ledger
 closes, the engine's pool is disposed (a SQLite file is closed and its WAL checkpointed away,
 as before), and the engine waits, without connections, for the next open. A few idle engines
 are kept (least recently used first out). An in-memory SQLite URL gets its own engine per open:
-each open of it is its own database.
+each open of it is its own database. A forked child starts with no shared engines: connections
+must never cross a fork (SQLite's rule; SQLAlchemy's advice for pools).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -67,3 +69,15 @@ def _drop_idle_beyond_limit() -> None:
     idle = [key for key, entry in _entries.items() if entry.users == 0]
     for key in idle[: max(0, len(idle) - _MAX_IDLE)]:
         del _entries[key]  # its connections were closed when its last user released it
+
+
+def _forget_in_child() -> None:
+    """After fork: drop the parent's engines without touching their connections (they are the parent's)."""
+    global _lock
+    _lock = threading.Lock()  # the parent may have held it while forking
+    for entry in _entries.values():
+        entry.engine.dispose(close=False)
+    _entries.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
