@@ -5,6 +5,8 @@ import pytest
 
 from flows import temporary_server
 
+PORT = "4711"  # recorded, never bound
+
 
 @pytest.fixture
 def prefect_command(monkeypatch):
@@ -14,20 +16,24 @@ def prefect_command(monkeypatch):
     seen = {}
 
     def record(args, env, **_):
-        seen.update(args=list(args), env=env)
-        return None
+        # Popen is patched process-wide: a Prefect log worker left by an earlier test may start a real
+        # temporary server meanwhile (another port). Only the call made here is recorded.
+        if PORT in args:
+            seen.update(args=list(args), env=env)
 
     monkeypatch.setattr(server.subprocess, "Popen", record)
     asgi = server.SubprocessASGIServer.__new__(server.SubprocessASGIServer)
-    asgi.port = 4711
+    asgi.port = int(PORT)
     asgi._run_uvicorn_command()
     return seen
 
 
 def test_spawn_uses_prefects_command_and_server_environment(prefect_command, monkeypatch):
     ours = {}
-    monkeypatch.setattr(temporary_server.subprocess, "Popen", lambda command, env: ours.update(args=command, env=env))
-    temporary_server._spawn(4711, {**prefect_command["env"], **temporary_server._SERVER_ENV})
+    monkeypatch.setattr(
+        temporary_server.subprocess, "Popen", lambda command, env: ours.update(args=command, env=env) if PORT in command else None
+    )
+    temporary_server._spawn(int(PORT), {**prefect_command["env"], **temporary_server._SERVER_ENV})
     assert ours["args"] == prefect_command["args"]
     for key, value in temporary_server._SERVER_ENV.items():
         assert prefect_command["env"][key] == value
