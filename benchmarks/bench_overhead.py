@@ -67,15 +67,17 @@ def variants(quick: bool) -> list[Variant]:
         Variant("b-long-srv", "ckptflow run, running Prefect server", "ckptflow", long_t, long_s, server="running",
                 baseline="a-long", repeat=3),  # fmt: skip
         Variant("b-long", "ckptflow run, temporary Prefect server", "ckptflow", long_t, long_s, baseline="a-long"),
-        Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s, repeat=3),
+        Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s, repeat=5),
         Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
-        Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running", repeat=3),
+        Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running", repeat=5),
         Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
         Variant("b-srv-fp32", "ckptflow run pinned fp32, running server", "ckptflow", t, s, server="running",
                 precision="fp32"),  # fmt: skip
         Variant("c", "launcher=subprocess, running server", "ckptflow", t, s, launcher="subprocess", server="running"),
-        Variant(f"d-{t}", "one chunk (chunk_steps=total), running server", "ckptflow", t, s, chunk_steps=t, server="running"),
-        Variant(f"d-{s}", f"{t // s} chunks (chunk_steps={s}), running server", "ckptflow", t, s, chunk_steps=s, server="running"),
+        Variant(f"d-{t}", "one chunk (chunk_steps=total), running server", "ckptflow", t, s, chunk_steps=t, server="running",
+                repeat=3),  # fmt: skip
+        Variant(f"d-{s}", f"{t // s} chunks (chunk_steps={s}), running server", "ckptflow", t, s, chunk_steps=s,
+                server="running", repeat=3),  # fmt: skip
     ]
 
 
@@ -309,8 +311,13 @@ def _derived(todo: list[Variant], results: dict[str, dict]) -> list[str]:
     if len(ds) >= 2:
         lo, hi = results[ds[0].key], results[ds[-1].key]
         if hi["chunks"] > lo["chunks"]:
-            per = (hi["wall"] - lo["wall"]) / (hi["chunks"] - lo["chunks"])
+            extra = hi["chunks"] - lo["chunks"]
+            per = (hi["wall"] - lo["wall"]) / extra
             out.append(f"one more chunk costs {per:.2f}s ({ds[-1].key} vs {ds[0].key}: wall difference / extra chunks)")
+            if ds[0].repeat > 1 and ds[0].repeat == ds[-1].repeat:  # ran interleaved: each round is a pair
+                pairs = [(b - a) / extra for a, b in zip(lo["walls"], hi["walls"])]
+                out.append(f"one more chunk, interleaved pairs ({ds[-1].key} − {ds[0].key}, run i of each, / extra chunks): "
+                           f"{', '.join(f'{p:.2f}s' for p in pairs)}; median {statistics.median(pairs):.2f}s")  # fmt: skip
     if "c" in results and "b-srv" in results and by["c"].total_steps == by["b-srv"].total_steps:
         c, b = results["c"], results["b-srv"]
         per = (c["wall"] - b["wall"]) / c["chunks"]
