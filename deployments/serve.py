@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+# What this serves, as "flow name/deployment name" (tests/unit/test_configs.py checks them against the flows).
+SERVED = ("finetune/finetune", "retrain/retrain")
 
 
 def deployment_specs(path: Path = PREFECT_YAML) -> dict[str, dict[str, Any]]:
@@ -85,13 +87,9 @@ def main() -> None:
     from prefect import serve
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.finetune import finetune
-    from flows.retrain import retrain
-
-    specs = deployment_specs()
-    names = [f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain"))]
+    # Refusals first: the flows import torch and TRL (~5 s), which a refused serve doesn't need.
     try:
-        taken = _pool_deployments(names)
+        taken = _pool_deployments(list(SERVED))
     except PrefectHTTPStatusError as exc:
         if exc.response.status_code != 401:
             raise
@@ -104,6 +102,11 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+
+    from flows.finetune import finetune
+    from flows.retrain import retrain
+
+    specs = deployment_specs()
     serve(_to_deployment(finetune, specs["finetune"]), _to_deployment(retrain, specs["retrain"]))
 
 
