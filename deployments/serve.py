@@ -2,7 +2,7 @@
 
 Names, descriptions, tags, parameters, schedules and concurrency come from
 deployments/prefect.yaml, so served and worker-based deployments behave the same.
-Stop with Ctrl-C: Prefect pauses the served deployments' schedules on shutdown.
+Stop with Ctrl-C or SIGTERM: Prefect pauses the served deployments' schedules on shutdown.
 Serve or `make deploy` + a worker, not both: deployments of the same name that run on a work
 pool are refused here (delete them first), because served runs of them would crash.
 Against a server with authentication, set PREFECT_API_AUTH_STRING (README: Team setup); without it,
