@@ -2,7 +2,7 @@
 
 Names, descriptions, tags, parameters, schedules and concurrency come from
 deployments/prefect.yaml, so served and worker-based deployments behave the same.
-Stop with Ctrl-C: Prefect pauses the served deployments' schedules on shutdown.
+Stop with Ctrl-C or SIGTERM: Prefect pauses the served deployments' schedules on shutdown.
 Serve or `make deploy` + a worker, not both: deployments of the same name that run on a work
 pool are refused here (delete them first), because served runs of them would crash.
 Against a server with authentication, set PREFECT_API_AUTH_STRING (README: Team setup); without it,
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PREFECT_YAML = Path(__file__).with_name("prefect.yaml")
+# What this serves, as "flow name/deployment name" (tests/unit/test_configs.py checks them against the flows).
+SERVED = ("finetune/finetune", "retrain/retrain")
 
 
 def deployment_specs(path: Path = PREFECT_YAML) -> dict[str, dict[str, Any]]:
@@ -85,13 +87,9 @@ def main() -> None:
     from prefect import serve
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.finetune import finetune
-    from flows.retrain import retrain
-
-    specs = deployment_specs()
-    names = [f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain"))]
+    # Refusals first: the flows import torch and TRL (~5 s), which a refused serve doesn't need.
     try:
-        taken = _pool_deployments(names)
+        taken = _pool_deployments(list(SERVED))
     except PrefectHTTPStatusError as exc:
         if exc.response.status_code != 401:
             raise
@@ -104,6 +102,11 @@ def main() -> None:
             file=sys.stderr,
         )
         raise SystemExit(2)
+
+    from flows.finetune import finetune
+    from flows.retrain import retrain
+
+    specs = deployment_specs()
     serve(_to_deployment(finetune, specs["finetune"]), _to_deployment(retrain, specs["retrain"]))
 
 

@@ -30,6 +30,8 @@ POOL = "ckptflow-process"
 SERVER_START_TIMEOUT_S = 120
 # How often to ask a starting server for /health (seconds): each wasted poll delays every stack.
 HEALTH_POLL_S = 0.1
+# How long a stopping test waits for flow-run processes whose runs are final to exit on their own (seconds).
+FLOW_RUN_EXIT_TIMEOUT_S = 30
 
 
 @dataclass
@@ -77,10 +79,41 @@ def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess
     return subprocess.Popen(args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group, then SIGKILL it and every descendant that escaped it."""
+def _finishing_flow_runs(descendants: list) -> list:
+    """The flow-run processes (`python -m prefect.engine`) among `descendants` that are still alive."""
     import psutil
 
+    alive = []
+    for child in descendants:
+        try:
+            if "prefect.engine" in child.cmdline():
+                alive.append(child)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def wait_flow_runs_exited(proc: subprocess.Popen) -> None:
+    """Wait (at most FLOW_RUN_EXIT_TIMEOUT_S) until the flow-run processes under `proc` have exited."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    psutil.wait_procs(_finishing_flow_runs(descendants), timeout=FLOW_RUN_EXIT_TIMEOUT_S)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Let flow-run processes finish exiting, SIGTERM the process group, then SIGKILL it and every
+    descendant that escaped it.
+
+    A flow run's state is final (what the tests wait for) before its process has exited. A SIGTERM to the
+    group then hits that process mid-exit, and its worker or `ckptflow serve` cancels it and checks every
+    3 s, for up to 30 s, whether it died: teardowns took 15-30 s under load. Left alone, it exits in seconds."""
+    import psutil
+
+    wait_flow_runs_exited(proc)
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:

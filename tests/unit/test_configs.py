@@ -16,7 +16,7 @@ from prefect.utilities.schema_tools import validate
 
 from ckptflow.params import FinetuneOverrides, settings_overrides
 from ckptflow.settings import Settings, load_settings
-from deployments.serve import _to_deployment, deployment_specs
+from deployments.serve import SERVED, _to_deployment, deployment_specs
 from flows.finetune import finetune, resolve_settings
 from flows.retrain import retrain
 
@@ -73,6 +73,8 @@ def test_retrain_is_scheduled_nightly_in_an_explicit_time_zone():
 
 def test_serve_builds_the_same_deployments_from_the_yaml():
     specs = deployment_specs()
+    # The names serve checks before it imports the flows are those it serves.
+    assert SERVED == tuple(f"{flow.name}/{name}" for flow, name in ((finetune, "finetune"), (retrain, "retrain")))
     for flow, name in ((finetune, "finetune"), (retrain, "retrain")):
         served = _to_deployment(flow, specs[name])
         assert served.name == name and served.parameters == (specs[name].get("parameters") or {})
