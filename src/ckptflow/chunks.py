@@ -30,23 +30,10 @@ from ckptflow.planning import Chunk, Schedule, schedule_for
 from ckptflow.remote_uploads import CheckpointUploads, open_uploads, upload_missing, uploading
 from ckptflow.retention import apply_retention
 from ckptflow.settings import Settings, settings_from_json
-from ckptflow.training import (
-    DEFAULT_MIN_FREE_BYTES,
-    AllRanksSavedCallback,
-    CommitCallback,
-    DiskGuardCallback,
-    FaultInjectionCallback,
-    HeartbeatCallback,
-    LogCallback,
-    PauseCallback,
-    TENSORBOARD_DIR,
-    TENSORBOARD_DIR_ENV,
-    ScheduleCallback,
-    TrainerSpec,
-    checkpoint_dir,
-    free_bytes,
-    sft_config,
-)
+from ckptflow.checkpoint_dirs import DEFAULT_MIN_FREE_BYTES, checkpoint_dir, free_bytes
+
+# The trainer side (ckptflow.training: transformers, torch, PEFT, ~3.5 s of imports) is imported where a chunk
+# trains, not here: importing the flows (`prefect deploy`, `ckptflow serve`) must not import the training stack.
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +378,7 @@ def _train(settings: Settings, job: ChunkJob, plan: AttemptPlan, total_steps: in
     from trl import SFTTrainer
 
     from ckptflow.modeling import lora_config
+    from ckptflow.training import TENSORBOARD_DIR, TENSORBOARD_DIR_ENV, TrainerSpec, sft_config
     from ckptflow.warm import TrainerDatasets, chunk_inputs, keep_prepared, warm_key
 
     # Tokenizer and data stay loaded for the run's next chunk in this process (not under torchrun).
@@ -442,6 +430,8 @@ def _rank_callbacks(
 
     Ranks > 0 don't read the ledger: their disk guard estimates from the parameter count (size 0 = unknown).
     """
+    from ckptflow.training import AllRanksSavedCallback, DiskGuardCallback, LogCallback, PauseCallback, ScheduleCallback
+
     return [
         PauseCallback(),
         ScheduleCallback(schedule.save_points, schedule.eval_points, job.end_step),
@@ -462,6 +452,8 @@ def _callbacks(
 ) -> tuple[list, BackgroundCommitter]:
     """Rank 0's callbacks and the committer they hand saves to; every ledger write is fenced by the plan's
     lease (a lost lease raises)."""
+    from ckptflow.training import CommitCallback, FaultInjectionCallback, HeartbeatCallback
+
     ckpt_root = settings.checkpoints_dir(run.name)
     fence = plan.lease
     # The commits run on the committer's thread, through its own ledger (never this thread's connections).

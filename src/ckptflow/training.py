@@ -22,23 +22,16 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptflow import faults
+from ckptflow.checkpoint_dirs import CHECKPOINT_PREFIX, DEFAULT_MIN_FREE_BYTES, checkpoint_dir, free_bytes  # noqa: F401 - re-exported
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.logline import STEP_LINE, StepRate, format_log_line, is_step_line
 from ckptflow.precision import check_supported
 from ckptflow.settings import Settings, report_to_list
 
-# Margin kept free on disk when min_free_bytes is not set.
-DEFAULT_MIN_FREE_BYTES = 64 * 2**20
-# HF's checkpoint directory prefix; users and HF tooling expect `checkpoint-<step>`.
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class InjectedFault(RuntimeError):
     """Raised by fault injection (settings.fault) to simulate a crash inside a chunk."""
-
-
-def checkpoint_dir(output_dir: Path | str, step: int) -> Path:
-    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
 def metrics_at_step(log_history: list[dict[str, Any]], step: int) -> dict[str, float]:
@@ -292,11 +285,6 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def free_bytes(path: Path) -> int:
-    path.mkdir(parents=True, exist_ok=True)
-    return shutil.disk_usage(path).free
 
 
 def finite_or_none(value: float | None) -> float | None:
