@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ SERVER_START_TIMEOUT_S = 120
 HEALTH_POLL_S = 0.1
 # How long a stopping test waits for flow-run processes whose runs are final to exit on their own (seconds).
 FLOW_RUN_EXIT_TIMEOUT_S = 30
+# A teardown step slower than this is reported as a pytest warning (CI time: where the seconds go).
+SLOW_STOP_S = 5
 
 
 @dataclass
@@ -104,6 +107,20 @@ def wait_flow_runs_exited(proc: subprocess.Popen) -> None:
     psutil.wait_procs(_finishing_flow_runs(descendants), timeout=FLOW_RUN_EXIT_TIMEOUT_S)
 
 
+def _warn_slow(proc: subprocess.Popen, what: str, descendants: list) -> None:
+    """A pytest warning (listed at the end of the run, CI included) naming the slow process and its children."""
+    import psutil
+
+    def describe(p) -> str:
+        try:
+            return f"{p.pid} {' '.join(p.cmdline())[:120]} ({p.status()})"
+        except psutil.Error:
+            return f"{p.pid} (gone)"
+
+    alive = "; ".join(describe(c) for c in descendants if c.is_running()) or "none"
+    warnings.warn(f"slow e2e teardown: {' '.join(map(str, proc.args))[:120]} {what}; descendants: {alive}", stacklevel=3)
+
+
 def stop_process(proc: subprocess.Popen) -> None:
     """Let flow-run processes finish exiting, SIGTERM the process group, then SIGKILL it and every
     descendant that escaped it.
@@ -113,11 +130,14 @@ def stop_process(proc: subprocess.Popen) -> None:
     3 s, for up to 30 s, whether it died: teardowns took 15-30 s under load. Left alone, it exits in seconds."""
     import psutil
 
+    started = time.monotonic()
     wait_flow_runs_exited(proc)
     try:
         descendants = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         descendants = []
+    if time.monotonic() - started > SLOW_STOP_S:
+        _warn_slow(proc, f"flow-run processes took {time.monotonic() - started:.1f}s to exit", descendants)
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -127,6 +147,7 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.wait(timeout=wait)
             break
         except subprocess.TimeoutExpired:
+            _warn_slow(proc, f"did not exit within {wait}s of {sig.name}", descendants)
             continue
     for child in descendants:
         try:
