@@ -227,13 +227,13 @@ def _training_starts() -> TemporaryServer | None:
 
 
 def _server_ready(server: TemporaryServer | None) -> None:
-    """Before the flow's first API call: the temporary server answers (what training imports, imported meanwhile)."""
-    if server is None:
-        return
+    """Before the flow's first API call: what training imports is imported (meanwhile a temporary server boots in
+    its own process); the temporary server answers."""
     from ckptflow.preload import import_training_modules
 
-    import_training_modules()  # while the server boots in its own process
-    server.wait()
+    import_training_modules()  # here, not inside the flow's first chunk, where Prefect's threads share the GIL
+    if server is not None:
+        server.wait()
 
 
 def _report_run(result: dict[str, Any], as_json: bool) -> None:
