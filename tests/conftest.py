@@ -1,6 +1,7 @@
 """Shared test setup: offline, quiet, no analytics; every test gets its own CKPTFLOW_HOME."""
 
 import os
+import signal
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -12,6 +13,12 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 import pytest
 
 from tests.s3 import s3, s3_remote  # noqa: E402,F401 - one local S3 server (moto) shared by every module of the session
+
+# pytest started in the background by a non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, and so
+# would every worker and server the tests start: Prefect stops a worker on SIGTERM by sending itself SIGINT, which
+# it then ignored until the teardown's SIGKILL 15 s later. The processes the tests start get Ctrl-C as a terminal would.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
