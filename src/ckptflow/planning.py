@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckptflow.checkpoint_dirs import DEFAULT_MIN_FREE_BYTES  # free-disk margin when min_free_bytes is empty
 from ckptflow.policy import (
     AnySave,
     AtSteps,
@@ -42,7 +43,6 @@ __all__ = [
     "schedule_for",
 ]
 
-DEFAULT_MIN_FREE_BYTES = 64 * 1024 * 1024  # free-disk margin when min_free_bytes is empty
 CHUNKS_PER_RUN = 4  # auto chunking aims at about this many Prefect tasks per run
 ADAMW_STATE_BYTES_PER_PARAM = 2 * 4  # exp_avg + exp_avg_sq, fp32
 CHECKPOINT_EXTRA_BYTES = 64 * 1024  # rng_state, scheduler, trainer_state, tokenizer, configs

@@ -4,9 +4,10 @@
 modules a chunk imports on its first use (TRL's trainer, transformers' Trainer, accelerate) are
 imported during that wait instead of later on the run's critical path (the loss curve needs
 none: ckptflow.loss_curve writes SVG with the standard library). Against a running server there
-is no wait, and they are still imported here, before the flow starts (see TRAINING_MODULES). Imports run in the calling
-thread: two threads importing overlapping packages can deadlock on the per-module import locks
-or see half-initialised modules, and the wait leaves this thread idle anyway.
+is no wait, and they are still imported here, before the flow starts (see TRAINING_MODULES).
+Imports run in the calling thread: two threads importing overlapping packages can deadlock on
+the per-module import locks or see half-initialised modules, and the wait leaves this thread
+idle anyway.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Collection
@@ -22,12 +21,11 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckptflow import faults
-from ckptflow.checkpoint_dirs import CHECKPOINT_PREFIX, DEFAULT_MIN_FREE_BYTES, checkpoint_dir, free_bytes  # noqa: F401 - re-exported
+from ckptflow.checkpoint_dirs import free_bytes
 from ckptflow.errors import InsufficientDiskError
 from ckptflow.logline import STEP_LINE, StepRate, format_log_line, is_step_line
 from ckptflow.precision import check_supported
 from ckptflow.settings import Settings, report_to_list
-
 
 
 class InjectedFault(RuntimeError):
@@ -119,8 +117,7 @@ class DiskGuardCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
         if control.should_save:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(self.directory).free
+            free = free_bytes(self.directory)
             estimate = self._estimate(kw.get("model"))
             if free < estimate + self.min_free_bytes:
                 raise InsufficientDiskError(

@@ -426,6 +426,8 @@ class Ledger:
         self.readonly = readonly
         self._sqlite_path = sqlite_file(url)
         self.home = _home_of(self._sqlite_path, home)  # paths in rows are relative to it
+        # An in-memory SQLite database lives in its engine: each open gets its own (shared_engines.py).
+        self._shared_engine = not (self._sqlite_path is None and make_url(url).get_backend_name() == "sqlite")
         self._engine = self._open_engine()
         self._closed = False
         self._writer_engine = self._engine.execution_options(**{_IMMEDIATE_OPTION: True})
@@ -442,7 +444,7 @@ class Ledger:
 
     def _open_engine(self) -> Engine:
         """This process's engine of the URL (shared_engines.py); an in-memory database gets its own."""
-        if self._sqlite_path is None and make_url(self.url).get_backend_name() == "sqlite":
+        if not self._shared_engine:
             return make_engine(self.url, readonly=self.readonly)
         if self._sqlite_path is not None and not self.readonly:
             self._sqlite_path.parent.mkdir(parents=True, exist_ok=True)  # removed since the engine was made?
@@ -464,10 +466,10 @@ class Ledger:
         if self._closed:
             return
         self._closed = True
-        if self._sqlite_path is None and self._engine.dialect.name == "sqlite":  # in-memory: its own engine
-            self._engine.dispose()
-        else:
+        if self._shared_engine:
             shared_engines.release(self.url, self.readonly, self._engine)
+        else:
+            self._engine.dispose()
 
     # -- schema ----------------------------------------------------------------------
     @_retried_on_disconnect  # also makes opening a Ledger wait out a short outage (it reads this first)
