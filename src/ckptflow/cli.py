@@ -540,7 +540,7 @@ def serve() -> None:
     from deployments.serve import main as serve_main
 
     global _exit_fast
-    _exit_fast = True  # serving loads the flows (torch, TRL): a stop (SIGTERM) skips their teardown, ~1.5 s
+    _exit_fast = True  # a stop (SIGTERM) skips the interpreter teardown of what serving loaded
     serve_main()
 
 
