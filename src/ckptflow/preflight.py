@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptflow.errors import ConfigError, HomeError, LedgerError
+from ckptflow.schema_revision import shipped_head
 from ckptflow.settings import Settings, env_var_for
 from ckptflow.sqlite_url import plain_sqlite_url, sqlite_file
 
@@ -41,8 +42,6 @@ MAX_TOTAL_STEPS = 10_000_000
 # Most chunks a run may have: each is a Prefect task run with its own trainer start-up.
 MAX_CHUNKS = 10_000
 # The Alembic migrations shipped with the package; their `revision = "…"` lines name the head.
-_MIGRATIONS = Path(__file__).parent / "ledger" / "migrations" / "versions"
-_REVISION_LINE = re.compile(r"^(revision|down_revision)\b[^=\n]*=\s*(.+?)\s*$", re.MULTILINE)
 # How the ledger stores RunStatus.COMPLETED and a released lease (read here with sqlite3, without the ORM).
 _COMPLETED = "completed"
 _NO_HOLDER = ""
@@ -141,27 +140,6 @@ def check_ledger(url: str) -> str | None:
     return revision
 
 
-def shipped_head() -> str | None:
-    """The newest migration shipped with this package, read from its files; None when they don't say plainly.
-
-    Alembic's own answer (`ledger.store.head_revision`) costs its import; this is for answers that
-    must stay about as fast as `ckptflow --help`.
-    """
-    revisions, parents = set(), set()
-    for script in _MIGRATIONS.glob("*.py"):
-        found = dict(_REVISION_LINE.findall(script.read_text()))
-        if "revision" not in found:
-            continue
-        values = {key: value.strip() for key, value in found.items()}
-        if not all(re.fullmatch(r"\"\w+\"|'\w+'|None", v) for v in values.values()):
-            return None  # a merge (a tuple of parents) or anything unusual: let Alembic decide
-        revisions.add(values["revision"].strip("\"'"))
-        if values.get("down_revision", "None") != "None":
-            parents.add(values["down_revision"].strip("\"'"))
-    heads = revisions - parents
-    return heads.pop() if len(heads) == 1 else None
-
-
 def _parse_url(url: str) -> Any:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -256,13 +234,14 @@ def _sqlite_revision(url: str) -> str | None:
 
 
 def _server_revision(url: str) -> str | None:
-    from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine, pool
+
+    from ckptflow.ledger.store import stored_revision
 
     engine = create_engine(url, poolclass=pool.NullPool)
     try:
         with engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return stored_revision(conn)
     except Exception as exc:  # OperationalError: refused, unknown host, auth; anything the driver raises
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LedgerError(

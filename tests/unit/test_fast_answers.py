@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from ckptflow import preflight
+from ckptflow.schema_revision import shipped_head
 
 
 def test_shipped_head_read_from_the_files_is_alembics_head():
     from ckptflow.ledger.store import head_revision
 
-    assert preflight.shipped_head() == head_revision()
+    assert shipped_head() == head_revision() is not None
 
 
 @pytest.mark.parametrize(
@@ -23,11 +24,10 @@ def test_shipped_head_read_from_the_files_is_alembics_head():
     ],
     ids=["chain", "merge-unsure", "two-heads-unsure", "none"],
 )
-def test_shipped_head_is_none_when_the_files_dont_say_plainly(tmp_path, monkeypatch, scripts, head):
+def test_shipped_head_is_none_when_the_files_dont_say_plainly(tmp_path, scripts, head):
     for name, text in scripts.items():
         (tmp_path / name).write_text(text)
-    monkeypatch.setattr(preflight, "_MIGRATIONS", tmp_path)
-    assert preflight.shipped_head() == head
+    assert shipped_head(tmp_path) == head
 
 
 def test_stored_values_read_with_sqlite3_are_the_orms():

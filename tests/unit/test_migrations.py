@@ -157,3 +157,49 @@ def _sqlite_dump(path: Path) -> list[str]:
         return list(con.iterdump())
     finally:
         con.close()
+
+
+def _alembic_revision(url: str) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        revision = MigrationContext.configure(conn).get_current_revision()
+    engine.dispose()
+    return revision
+
+
+def test_stored_revision_reads_what_alembic_reads_at_every_revision(tmp_path):
+    from alembic.script import ScriptDirectory
+
+    from ckptflow.ledger.store import stored_revision
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    create_engine(url).dispose()
+    revisions = [None] + [r.revision for r in reversed(list(ScriptDirectory.from_config(_alembic_config()).walk_revisions()))]
+    assert revisions[-1] == head_revision() and len(revisions) > 2
+    for revision in revisions:
+        if revision is not None:
+            _ledger_at(url, revision)
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            assert stored_revision(conn) == _alembic_revision(url) == revision
+        engine.dispose()
+
+
+def test_opening_a_ledger_at_head_imports_no_alembic_and_a_fresh_one_is_migrated(tmp_path):
+    """Alembic (~0.1 s of imports) is for migrating or refusing: every open after the first goes without it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from ckptflow.ledger import Ledger\n"
+        "Ledger(sys.argv[1]).close()\n"
+        "print(sorted(m for m in sys.modules if m == 'alembic' or m.startswith('alembic.')) != [])\n"
+    )
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    runs = [subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=120, check=True)
+            for _ in range(2)]  # fmt: skip
+    assert [r.stdout.strip() for r in runs] == ["True", "False"]  # the first open creates the schema with Alembic
+    assert _alembic_revision(url) == head_revision()

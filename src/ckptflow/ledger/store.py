@@ -44,13 +44,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, func, insert, select, update
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, inspect, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -61,6 +57,7 @@ from ckptflow.ledger import shared_engines
 from ckptflow.sqlite_url import sqlite_file
 from ckptflow.ledger.fencing import Fence, LeaseGrant, held_fence, holding
 from ckptflow.policy import Ckpt, best_of, metric_value
+from ckptflow.schema_revision import shipped_head
 from ckptflow.ledger.models import (
     Attempt,
     AttemptStatus,
@@ -72,6 +69,9 @@ from ckptflow.ledger.models import (
     RunStatus,
     utcnow,
 )
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 # Packaged Alembic config; its script_location is the `migrations/` package next to it.
 ALEMBIC_INI = Path(__file__).with_name("alembic.ini")
@@ -318,6 +318,8 @@ def _dir_lock(path: Path | None) -> Iterator[None]:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     cfg = Config(str(ALEMBIC_INI))
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
     return cfg
@@ -325,7 +327,9 @@ def _alembic_config() -> Config:
 
 @functools.cache  # the migration scripts are files of this package: parsed once per process, not per `Ledger(...)`
 def head_revision() -> str | None:
-    """The newest migration shipped with this package."""
+    """The newest migration shipped with this package, as Alembic reads it (schema_revision.shipped_head: without)."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
 
@@ -375,9 +379,27 @@ def _unavailable_message(ledger: Ledger, call: str, exc: DBAPIError, started: fl
     )
 
 
+def stored_revision(conn: Connection) -> str | None:
+    """The schema revision a database holds (its alembic_version row); None: no schema yet.
+
+    Reads the row itself, as Alembic's MigrationContext does, without importing Alembic; anything
+    but one row (Alembic's business: several heads) is asked of Alembic.
+    """
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(rows) == 1:
+        return rows[0]
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
 @functools.cache  # like head_revision: fixed for the life of the process
 def known_revisions() -> frozenset[str]:
     """Every migration revision shipped with this package."""
+    from alembic.script import ScriptDirectory
+
     return frozenset(rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions())
 
 
@@ -386,8 +408,10 @@ def check_revision(url: str, revision: str | None, *, readonly: bool) -> None:
 
     Raises LedgerError naming CKPTFLOW_LEDGER_URL. `revision` None is an empty ledger.
     """
+    if revision is None or revision == shipped_head():  # the usual answer, without importing Alembic
+        return
     head = head_revision()
-    if revision is None or revision == head:
+    if revision == head:
         return
     shown = _safe_url(url)
     if revision not in known_revisions():
@@ -475,18 +499,21 @@ class Ledger:
     @_retried_on_disconnect  # also makes opening a Ledger wait out a short outage (it reads this first)
     def current_revision(self) -> str | None:
         with self._engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+            return stored_revision(conn)
 
     def _migrate(self) -> None:
         """Upgrade to head; safe when several processes open a fresh ledger at once."""
-        head = head_revision()
         with _dir_lock(self._sqlite_path):
             for i in range(_MIGRATE_RETRIES):
                 try:
                     current = self.current_revision()
-                    if current == head:
+                    if current is not None and current == shipped_head():  # every open but the first: no Alembic
+                        return
+                    if current == head_revision():
                         return
                     check_revision(self.url, current, readonly=False)  # newer/unknown schema: never "upgrade" it
+                    from alembic import command
+
                     cfg = _alembic_config()
                     with self._writer_engine.begin() as conn:  # one transaction (BEGIN IMMEDIATE on SQLite)
                         cfg.attributes["connection"] = conn
