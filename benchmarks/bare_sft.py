@@ -9,6 +9,7 @@ eval_loss, like `load_best_model_at_end` users do). No ckptflow import anywhere.
 
     python benchmarks/bare_sft.py --model DIR --data DIR --out DIR --max-steps 300 --save-steps 50
     python benchmarks/bare_sft.py ... --resume-from DIR/checkpoint-150 --stop-after 1
+    python benchmarks/bare_sft.py ... --prefect-tasks 9    # the same inside a Prefect flow of 9 task runs
 """
 
 from __future__ import annotations
@@ -44,8 +45,38 @@ def main() -> None:
                    help="off (default): like ckptflow's default; TRL's SFTConfig turns it on (memory for ~1/3 more compute)")  # fmt: skip
     p.add_argument("--precision", choices=["default", *PRECISION_ARGS], default="default",
                    help="default: TRL's choice (no bf16/fp16 argument); else pin HF's bf16/fp16 switches")  # fmt: skip
+    p.add_argument("--prefect-tasks", type=int, default=0,
+                   help="N > 0: the same script as a Prefect flow of N task runs (N-1 empty ones, then one that "
+                        "trains): what Prefect alone costs a TRL script, with no ckptflow")  # fmt: skip
     args = p.parse_args()
+    if args.prefect_tasks > 0:
+        run_as_prefect_flow(args)
+    else:
+        train(args)
 
+
+def run_as_prefect_flow(args: argparse.Namespace) -> None:
+    """`train` inside a Prefect flow (the server is PREFECT_API_URL's, or Prefect's temporary one)."""
+    from prefect import flow, task
+
+    @task
+    def step() -> None:
+        """An empty task run: one more task run's API calls and states, as a ckptflow run has."""
+
+    @task
+    def train_task() -> None:
+        train(args)
+
+    @flow(name="bare-sft")
+    def bare_sft() -> None:
+        for _ in range(args.prefect_tasks - 1):
+            step()
+        train_task()
+
+    bare_sft()
+
+
+def train(args: argparse.Namespace) -> None:
     import datasets
     import peft
     import torch

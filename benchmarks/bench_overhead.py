@@ -9,6 +9,8 @@ Variants (each a real process; wall time from this parent, spans from the probe)
   c        launcher=subprocess (each chunk trains in a child process), running server
   d-N      chunk_steps=N, running server (N = total: one chunk; N = save_steps: many chunks)
   *-fp32   the bare script and ckptflow both pinned to fp32 (a matched precision other than the default)
+  a-pf     the bare script as a Prefect flow with as many task runs as `b-srv`, running server: what Prefect
+           alone costs a TRL script (b-srv / a-pf is what ckptflow adds beyond it)
 
 Every run's precision is read back from the run itself (the bare script prints it; ckptflow's
 ledger records it), and every ckptflow run gets two ratios: against the bare script at TRL's
@@ -48,6 +50,7 @@ class Variant:
     server: str = "temp"  # "temp" (temporary server) or "running"
     baseline: str = "a"  # the bare run at TRL's defaults of the same length
     precision: str = "default"  # default (TRL's / ckptflow's auto) or pinned: fp32, bf16, fp16
+    prefect_tasks: int = 0  # bare only: N > 0 runs the bare script as a Prefect flow of N task runs
     repeat: int = 1  # runs of this variant, interleaved with the other repeated variants of its group
 
 
@@ -59,6 +62,8 @@ def variants(quick: bool) -> list[Variant]:
             Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
             Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
             Variant("b-fp32", "ckptflow run pinned fp32, temporary server", "ckptflow", t, s, precision="fp32"),
+            Variant("a-pf", "bare SFTTrainer as a Prefect flow of 3 task runs, temporary server", "bare", t, s,
+                    prefect_tasks=3),  # fmt: skip
         ]
     long_t, long_s = 4000, 100
     t, s = 400, 50
@@ -70,6 +75,8 @@ def variants(quick: bool) -> list[Variant]:
         Variant("a", "bare SFTTrainer + HF checkpointing", "bare", t, s, repeat=5),
         Variant("b", "ckptflow run, temporary Prefect server", "ckptflow", t, s),
         Variant("b-srv", "ckptflow run, running Prefect server", "ckptflow", t, s, server="running", repeat=5),
+        Variant("a-pf", f"bare SFTTrainer as a Prefect flow of {PREFECT_TASK_RUNS} task runs, running server", "bare", t, s,
+                server="running", prefect_tasks=PREFECT_TASK_RUNS, repeat=5),  # fmt: skip
         Variant("a-fp32", "bare SFTTrainer, pinned fp32", "bare", t, s, precision="fp32"),
         Variant("b-srv-fp32", "ckptflow run pinned fp32, running server", "ckptflow", t, s, server="running",
                 precision="fp32"),  # fmt: skip
@@ -79,6 +86,11 @@ def variants(quick: bool) -> list[Variant]:
         Variant(f"d-{s}", f"{t // s} chunks (chunk_steps={s}), running server", "ckptflow", t, s, chunk_steps=s,
                 server="running", repeat=3),  # fmt: skip
     ]
+
+
+# Task runs of a 400-step `ckptflow run` (prepare_data, open_run, 4 train_chunk, evaluate, export_best,
+# publish_artifacts): the Prefect-only baseline `a-pf` makes as many.
+PREFECT_TASK_RUNS = 9
 
 
 def run_order(todo: list[Variant]) -> list[tuple[Variant, int]]:
@@ -101,8 +113,11 @@ def run_variant(v: Variant, round_: int, work: Path, home: Path, model: Path, da
                 server: C.PrefectServer | None) -> C.Proc:  # fmt: skip
     if v.kind == "bare":
         out = work / run_name(v, round_).replace("bench-", "bare-")
-        return C.run_probed(v.key, C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps,
-                                               precision=v.precision), C.base_env(home), cwd=work)  # fmt: skip
+        args = C.bare_args(model, data, out, total_steps=v.total_steps, save_steps=v.save_steps, precision=v.precision)
+        if v.prefect_tasks:
+            args += ["--prefect-tasks", str(v.prefect_tasks)]
+        api = {"PREFECT_API_URL": server.url} if v.server == "running" and server else {}
+        return C.run_probed(v.key, args, C.base_env(home, prefect_home=prefect_home, **api), cwd=work)
     extra = {"PREFECT_API_URL": server.url} if v.server == "running" and server else {}
     extra.update(PRECISION_ENV[v.precision])
     env = C.ckptflow_env(home, total_steps=v.total_steps, save_steps=v.save_steps, chunk_steps=v.chunk_steps,
@@ -194,7 +209,7 @@ def main() -> None:
         server_ctx = None
         # Started before the first run, so every run (bare ones too) sees the same machine: the running-server
         # variants then measure what ckptflow's use of the server costs, not a server idling on the same cores.
-        if any(v.server == "running" and v.kind == "ckptflow" for v in todo):
+        if any(v.server == "running" for v in todo):
             server_ctx = C.PrefectServer(prefect_home, work / "prefect-server.log")
             server = server_ctx.__enter__()
             report.data["running_server_startup_seconds"] = server.startup_seconds
@@ -279,14 +294,18 @@ def _paired_ratios(todo: list[Variant], results: dict[str, dict]) -> list[str]:
     """Each repeated ckptflow variant against its bare baseline, run by run: the pairs ran back to back
     (interleaved), so a machine that drifts over the bench (other tenants, thermal) affects both runs of
     a pair alike, where the two medians may come from different moments."""
+    pairs = [(v.key, v.baseline) for v in todo if v.key != v.baseline]
+    # ckptflow beyond what Prefect itself costs: against the bare script run as a Prefect flow
+    pairs += [(v.key, pf.key) for v in todo if v.kind == "ckptflow"
+              for pf in todo if pf.prefect_tasks and pf.server == v.server and pf.baseline == v.baseline]  # fmt: skip
+    by = {v.key: v for v in todo}
     out = []
-    for v in todo:
-        base = next((b for b in todo if b.key == v.baseline), None)
-        if v.kind != "ckptflow" or v.repeat < 2 or base is None or base.repeat != v.repeat:
+    for key, base in pairs:
+        if base not in by or by[key].repeat < 2 or by[base].repeat != by[key].repeat:
             continue
-        ratios = [b / a for a, b in zip(results[base.key]["walls"], results[v.key]["walls"])]
+        ratios = [b / a for a, b in zip(results[base]["walls"], results[key]["walls"])]
         out.append(
-            f"{v.key} / {base.key}, interleaved pairs (run i of each): "
+            f"{key} / {base}, interleaved pairs (run i of each): "
             f"{', '.join(f'{r:.3f}×' for r in ratios)}; median {statistics.median(ratios):.3f}×"
         )
     return out
