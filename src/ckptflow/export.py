@@ -27,7 +27,7 @@ from ckptflow import faults
 from ckptflow.errors import BadInputError, CkptflowError
 from ckptflow.paths import BUILTIN_DIR, DATA_CACHE_DIR, EXPORTS_DIR, PREFECT_RESULTS_DIR, RUNS_DIR, contained, is_within
 
-if TYPE_CHECKING:  # the ledger (SQLAlchemy, Alembic) is not imported to refuse a bad --out
+if TYPE_CHECKING:  # the ledger (SQLAlchemy) is not imported to refuse a bad --out
     from ckptflow.ledger import CheckpointRecord, RunRecord
     from ckptflow.settings import Settings
 

@@ -41,7 +41,6 @@ _GIB = 2**30
 MAX_TOTAL_STEPS = 10_000_000
 # Most chunks a run may have: each is a Prefect task run with its own trainer start-up.
 MAX_CHUNKS = 10_000
-# The Alembic migrations shipped with the package; their `revision = "…"` lines name the head.
 # How the ledger stores RunStatus.COMPLETED and a released lease (read here with sqlite3, without the ORM).
 _COMPLETED = "completed"
 _NO_HOLDER = ""
@@ -133,7 +132,7 @@ def check_ledger(url: str) -> str | None:
         dialect_url = _parse_url(url)
         _check_driver(url, dialect_url)
         revision = _sqlite_revision(url) if dialect_url.get_backend_name() == "sqlite" else _server_revision(url)
-    if revision is not None and revision != shipped_head():  # alembic (~0.3 s) only when it has something to say
+    if revision is not None and revision != shipped_head():  # Alembic (~0.1 s) only when it has something to say
         from ckptflow.ledger.store import check_revision
 
         check_revision(url, revision, readonly=False)

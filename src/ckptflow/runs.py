@@ -20,7 +20,7 @@ from ckptflow.settings import (
     steps_per_epoch,
 )
 
-if TYPE_CHECKING:  # the ledger (SQLAlchemy ORM, Alembic) is imported where used: fast answers need only fingerprints
+if TYPE_CHECKING:  # the ledger (SQLAlchemy ORM) is imported where used: fast answers need only fingerprints
     from ckptflow.ledger import Ledger, RunRecord
 
 # Keys of runs.config (JSON).
