@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Only `make bench` drops the page cache (cold reads in bench_integrity; needs root); `make test` never does.
-bench: $(STAMP) bytecode
+bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --drop-caches
 
 # DDP on every visible GPU, a rank killed and resumed (benchmarks/gpu_check.py); without CUDA it says so and exits 0.

@@ -75,6 +75,7 @@ class Workdir:
             self.path = Path(tempfile.mkdtemp(prefix=f"ckptflow-bench-{name}-"))
 
     def __enter__(self) -> Path:
+        compile_tree()  # every benchmark comes through here before its first timed process
         return self.path
 
     def __exit__(self, *exc: object) -> None:
@@ -143,7 +144,6 @@ def prepare_workload(work: Path) -> tuple[Path, Path, Path]:
 
     Built once per work directory, outside any timed region, so no run pays the build.
     """
-    compile_tree()
     home = work / "home"
     marker = work / "workload.json"
     if marker.is_file():

@@ -291,7 +291,8 @@ def print_tables(report: C.Report, todo: list[Variant], results: dict[str, dict]
 
 
 def _paired_ratios(todo: list[Variant], results: dict[str, dict]) -> list[str]:
-    """Each repeated ckptflow variant against its bare baseline, run by run: the pairs ran back to back
+    """Each repeated variant against its bare baseline, and each repeated ckptflow variant against the bare script
+    run as a Prefect flow (a-pf), run by run: the pairs ran back to back
     (interleaved), so a machine that drifts over the bench (other tenants, thermal) affects both runs of
     a pair alike, where the two medians may come from different moments."""
     pairs = [(v.key, v.baseline) for v in todo if v.key != v.baseline]
